@@ -1,0 +1,109 @@
+"""Backend selection: which backend serves a group of gradients, and why the others cannot.
+
+Kernel backends ("cuda", "triton") serve fp16/bf16/fp32 gradients and norm types 1, 2 and inf;
+everything else (fp64, complex, other p, CPU tensors) goes to "reference". Availability checks
+import nothing at `import gradclip` time and are cached, so a call costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from gradclip import _extension
+
+CHOICES = ("auto", "cuda", "triton", "reference")
+KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+KERNEL_NORM_TYPES = frozenset({1.0, 2.0, math.inf})
+ENV_BACKEND = "GRADCLIP_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve these gradients."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import() -> str:
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); fix: pip install triton==3.6.0"
+    import gradclip.triton_backend  # noqa: F401, PLC0415 (registers the gradclip::triton_* ops)
+
+    return ""
+
+
+@functools.cache
+def _cuda_runtime() -> str:
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    return ""
+
+
+def why_unavailable(backend: str, device_type: str) -> str:
+    """Empty string when `backend` can run on `device_type` here, else the missing piece."""
+    if backend == "reference":
+        return ""
+    if backend == "triton":
+        if device_type == "cpu" and not triton_interpret():
+            return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (tests)"
+        if device_type not in ("cpu", "cuda"):
+            return f"the triton backend does not run on {device_type} tensors"
+        return _triton_import() or (_cuda_runtime() if device_type == "cuda" else "")
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, not {device_type} tensors"
+        return _cuda_runtime() or _extension.load()[1]
+    raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+
+
+def _kernel_can_serve(dtype: torch.dtype, norm_type: float | None) -> bool:
+    return dtype in KERNEL_DTYPES and (norm_type is None or norm_type in KERNEL_NORM_TYPES)
+
+
+def requested(backend: str) -> str:
+    """The backend asked for: the argument, with GRADCLIP_BACKEND overriding "auto"."""
+    if backend == "auto":
+        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def choose(backend: str, device: torch.device, dtype: torch.dtype, norm_type: float | None) -> str:
+    """The backend serving gradients of `dtype` on `device` (norm_type None: no norm involved).
+
+    "auto" prefers cuda, then triton, then reference (the order is a guess until a GPU benchmark
+    in bench/RESULTS.md says otherwise); on CPU it is the reference, since the Triton interpreter
+    is a test tool. An explicit backend that cannot serve raises BackendUnavailableError.
+    """
+    if backend == "auto":
+        if device.type == "cuda" and _kernel_can_serve(dtype, norm_type):
+            for candidate in ("cuda", "triton"):
+                if not why_unavailable(candidate, device.type):
+                    return candidate
+        return "reference"
+    if backend != "reference":
+        if not _kernel_can_serve(dtype, norm_type):
+            what = f"{dtype} gradients" if dtype not in KERNEL_DTYPES else f"norm_type={norm_type}"
+            raise BackendUnavailableError(
+                f"backend={backend!r} cannot serve {what}: the kernels take float16/bfloat16/float32 "
+                "gradients and norm types 1, 2 and inf; fix: backend='auto' or backend='reference'"
+            )
+        why = why_unavailable(backend, device.type)
+        if why:
+            raise BackendUnavailableError(f"backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+def report() -> dict[str, str]:
+    """{backend: "available" or why not} for `python -m gradclip info`."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return {b: why_unavailable(b, device_type) or "available" for b in CHOICES[1:]}

@@ -1,0 +1,198 @@
+"""The four drop-in functions of torch.nn.utils, routed to backends per device.
+
+Each call validates every input before touching any gradient, groups the gradients by device
+(as torch does), picks one backend per (device, dtype) group and issues one op per group. The
+common case, every gradient on one device served by one backend, is one fused op call: one kernel
+launch on the GPU backends, with no host synchronisation unless error_if_nonfinite=True.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from gradclip import backends, ops, reference
+
+TensorOrTensors = Tensor | Iterable[Tensor]
+
+_ALLOWED_DTYPES = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
+)
+
+
+class Group(NamedTuple):
+    """Gradients of one device that one backend serves in one op call."""
+
+    backend: str
+    grads: list[Tensor]
+
+
+def _as_list(tensors: TensorOrTensors, what: str) -> list:
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    is_generator = isinstance(tensors, types.GeneratorType)
+    tensors = list(tensors)
+    if is_generator and not tensors:
+        warnings.warn(f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    return tensors
+
+
+def _grads_of(parameters: TensorOrTensors) -> list[Tensor]:
+    return [p.grad for p in _as_list(parameters, "parameters") if p.grad is not None]
+
+
+def _check_grads(grads: list[Tensor]) -> None:
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise ValueError(f"gradient {i} has layout {g.layout}; gradclip takes dense (strided) gradients only")
+        if g.dtype not in _ALLOWED_DTYPES:
+            raise TypeError(f"gradient {i} has dtype {g.dtype}; gradients must be floating point or complex")
+
+
+def _check_norm_type(norm_type: float) -> float:
+    norm_type = float(norm_type)
+    if math.isnan(norm_type):
+        raise ValueError("norm_type is NaN; use a number or float('inf')")
+    return norm_type
+
+
+def _check_bound(value: float, name: str) -> float:
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value}")
+    return value
+
+
+def _plan(grads: list[Tensor], norm_type: float | None, backend: str) -> list[Group]:
+    """Group by device in first-seen order, then by the backend that serves each dtype."""
+    requested = backends.requested(backend)
+    by_device: dict[torch.device, dict[str, list[Tensor]]] = {}
+    for g in grads:
+        per_backend = by_device.setdefault(g.device, {})
+        chosen = backends.choose(requested, g.device, g.dtype, norm_type)
+        per_backend.setdefault(chosen, []).append(g)
+    return [Group(b, gs) for per_backend in by_device.values() for b, gs in per_backend.items()]
+
+
+def _total_norm(plan: list[Group], norm_type: float, device: torch.device) -> Tensor:
+    norms = [ops.op(group.backend, "total_norm")(group.grads, norm_type) for group in plan]
+    if len(norms) == 1:
+        return norms[0]
+    out_dtype = reference.norm_dtype(n.dtype for n in norms)
+    stacked = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms])
+    return reference.combine_norms(stacked, norm_type, out_dtype)
+
+
+def _raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
+    if torch.logical_or(total.isnan(), total.isinf()):  # a host sync, as in torch
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so "
+            "it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+            "norm anyway, set `error_if_nonfinite=False`"
+        )
+
+
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """The p-norm of all `tensors` viewed as one vector, like torch.nn.utils.get_total_norm.
+
+    Returns a 0-dim tensor on the first tensor's device: fp32 for fp16/bf16/fp32 tensors, fp64 if
+    any is fp64. Accumulates in at least fp32 and never overflows for finite inputs. One launch per
+    device on the GPU backends and no host sync, unless error_if_nonfinite=True (which must read
+    the norm). `foreach` is accepted for compatibility and ignored: every backend is multi-tensor.
+    """
+    tensors = _as_list(tensors, "tensors")
+    norm_type = _check_norm_type(norm_type)
+    _check_grads(tensors)
+    if not tensors:
+        return torch.tensor(0.0)
+    with torch.no_grad():
+        total = _total_norm(_plan(tensors, norm_type, backend), norm_type, tensors[0].device)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, norm_type)
+    return total
+
+
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Scale gradients in place by min(max_norm / (total_norm + 1e-6), 1), like torch.
+
+    `total_norm` is a device tensor (no host sync). Gradients are left bit-identical when the
+    coefficient clamps to 1; a NaN norm makes them NaN, exactly as in torch.
+    """
+    max_norm = _check_bound(max_norm, "max_norm")
+    grads = _grads_of(parameters)
+    _check_grads(grads)
+    with torch.no_grad():
+        for group in _plan(grads, None, backend):
+            norm = total_norm.to(group.grads[0].device)
+            ops.op(group.backend, "clip_grads_with_norm_")(group.grads, max_norm, norm)
+
+
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Clip the global gradient norm in place, like torch.nn.utils.clip_grad_norm_; returns it.
+
+    All gradients of one device served by one backend go through one fused op: on the GPU
+    backends one kernel launch that computes the norm and, only if the coefficient is below 1,
+    rescales. No host sync unless error_if_nonfinite=True, which raises before any gradient is
+    modified. See get_total_norm for the dtype and overflow guarantees.
+    """
+    max_norm = _check_bound(max_norm, "max_norm")
+    norm_type = _check_norm_type(norm_type)
+    grads = _grads_of(parameters)
+    _check_grads(grads)
+    if not grads:
+        return torch.tensor(0.0)
+    with torch.no_grad():
+        plan = _plan(grads, norm_type, backend)
+        if len(plan) == 1 and not error_if_nonfinite:
+            return ops.op(plan[0].backend, "clip_grad_norm_")(plan[0].grads, max_norm, norm_type)
+        total = _total_norm(plan, norm_type, grads[0].device)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, norm_type)
+        for group in plan:
+            norm = total.to(group.grads[0].device)
+            ops.op(group.backend, "clip_grads_with_norm_")(group.grads, max_norm, norm)
+    return total
+
+
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float,
+    foreach: bool | None = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Clamp every gradient to [-clip_value, clip_value] in place (one launch per device); NaN stays NaN."""
+    clip_value = _check_bound(clip_value, "clip_value")
+    grads = _grads_of(parameters)
+    _check_grads(grads)
+    with torch.no_grad():
+        for group in _plan(grads, None, backend):
+            ops.op(group.backend, "clip_grad_value_")(group.grads, clip_value)

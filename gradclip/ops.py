@@ -1,0 +1,85 @@
+"""The `torch.library` ops: schemas and fake (meta) implementations, all defined here in Python.
+
+Each backend owns one family of four ops, `gradclip::{backend}_{op}`, with the same schema:
+
+    {b}_total_norm(Tensor[] grads, float norm_type) -> Tensor
+    {b}_clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor
+    {b}_clip_grads_with_norm_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()
+    {b}_clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()
+
+Every op takes the gradients of one device (dtypes may be mixed). The mutated list is declared
+`Tensor(a!)[]`, so torch.compile functionalizes it as an in-place update of the gradients.
+
+Defining the schemas here lets `import gradclip` work without the compiled extension: the
+`reference` ops get their implementation below (CompositeExplicitAutograd: any device), the
+`triton` ops are implemented in `gradclip/triton_backend.py` (registered on import there), and the
+`cuda` ops are implemented in C++ (`csrc/bindings.cpp`, TORCH_LIBRARY_IMPL for the CUDA key).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradclip import reference
+
+BACKENDS = ("reference", "triton", "cuda")
+OP_NAMES = ("total_norm", "clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_")
+
+_SCHEMAS = {
+    "total_norm": "(Tensor[] grads, float norm_type) -> Tensor",
+    "clip_grad_norm_": "(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor",
+    "clip_grads_with_norm_": "(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()",
+    "clip_grad_value_": "(Tensor(a!)[] grads, float clip_value) -> ()",
+}
+
+_lib = torch.library.Library("gradclip", "DEF")  # noqa: TOR901 (kept alive for the process)
+
+
+def _fake_norm(grads):
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty((), dtype=reference.norm_dtype(g.dtype for g in grads), device=device)
+
+
+def _fake_total_norm(grads, norm_type):
+    return _fake_norm(grads)
+
+
+def _fake_clip_grad_norm_(grads, max_norm, norm_type):
+    return _fake_norm(grads)
+
+
+def _fake_none(*args):
+    return None
+
+
+_FAKES = {
+    "total_norm": _fake_total_norm,
+    "clip_grad_norm_": _fake_clip_grad_norm_,
+    "clip_grads_with_norm_": _fake_none,
+    "clip_grad_value_": _fake_none,
+}
+
+_REFERENCE_IMPLS = {
+    "total_norm": reference.total_norm,
+    "clip_grad_norm_": reference.clip_grad_norm_,
+    "clip_grads_with_norm_": reference.clip_grads_with_norm_,
+    "clip_grad_value_": reference.clip_grad_value_,
+}
+
+
+def qualified_name(backend: str, op: str) -> str:
+    return f"gradclip::{backend}_{op}"
+
+
+for _backend in BACKENDS:
+    for _op in OP_NAMES:
+        _lib.define(f"{_backend}_{_op}{_SCHEMAS[_op]}")
+        torch.library.register_fake(qualified_name(_backend, _op), _FAKES[_op], lib=_lib)
+
+for _op, _fn in _REFERENCE_IMPLS.items():
+    _lib.impl(f"reference_{_op}", _fn, "CompositeExplicitAutograd")
+
+
+def op(backend: str, name: str):
+    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`."""
+    return getattr(getattr(torch.ops.gradclip, f"{backend}_{name}"), "default")

@@ -1,0 +1,80 @@
+"""Shared test configuration: skip markers, the tolerance table, and the comparison helpers.
+
+No device is queried at import time: markers evaluate lazily through pytest's skipif strings
+or through fixtures.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+
+@functools.cache
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_cuda_extension() -> bool:
+    from gradclip import _extension
+
+    return _extension.load()[0] is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {
+        "cuda": (_has_cuda, "needs a CUDA GPU"),
+        "triton": (_has_triton, "needs triton (pip install triton==3.6.0)"),
+        "cuda_extension": (lambda: _has_cuda() and _has_cuda_extension(), "needs a GPU and the built gradclip._C"),
+    }
+    for item in items:
+        for name, (check, why) in reasons.items():
+            if item.get_closest_marker(f"requires_{name}") and not check():
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+def pytest_configure(config):
+    for name in ("cuda", "triton", "cuda_extension"):
+        config.addinivalue_line("markers", f"requires_{name}: skip unless the test machine has {name}")
+
+
+# The one table of tolerances, per gradient dtype, for a kernel/reference result against the fp64
+# reference. Norms are accumulated in >= fp32, so they are tight for every dtype; clipped
+# gradients are rounded once to their own dtype.
+NORM_TOL = {
+    torch.float64: dict(rtol=1e-12, atol=0.0),
+    torch.float32: dict(rtol=2e-6, atol=0.0),
+    torch.float16: dict(rtol=2e-6, atol=0.0),
+    torch.bfloat16: dict(rtol=2e-6, atol=0.0),
+}
+GRAD_TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-300),
+    torch.float32: dict(rtol=2e-6, atol=1e-30),
+    torch.float16: dict(rtol=1e-3, atol=1e-7),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-30),
+}
+
+
+def fp64_norm(grads, norm_type: float) -> float:
+    """The exact-as-possible norm: fp64 on the host via Python's math, independent of gradclip."""
+    values = [float(x) for g in grads for x in g.detach().double().abs().flatten().tolist()]
+    if not values:
+        return 0.0
+    if math.isinf(norm_type):
+        return max(values)
+    peak = max(values)
+    if peak == 0 or not math.isfinite(peak):
+        return peak
+    return peak * math.fsum((v / peak) ** norm_type for v in values) ** (1.0 / norm_type)
