@@ -6,7 +6,7 @@
 `import gradclip` needs no GPU, no Triton and no compiled extension; backends load lazily.
 """
 
-from gradclip import ops  # noqa: F401 (defines the gradclip::* torch.library ops)
+from gradclip import backends, ops  # noqa: F401 (defines the gradclip::* torch.library ops)
 from gradclip.backends import BackendUnavailableError
 from gradclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from gradclip.patch import patch_torch, unpatch_torch

@@ -104,6 +104,11 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype, norm_type: fl
 
 
 def report() -> dict[str, str]:
-    """{backend: "available" or why not} for `python -m gradclip info`."""
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    return {b: why_unavailable(b, device_type) or "available" for b in CHOICES[1:]}
+    """{backend: "available" or why not (for CUDA tensors)} for `python -m gradclip info`."""
+    status = {b: why_unavailable(b, "cuda") or "available" for b in ("cuda", "triton")}
+    if not torch.cuda.is_available():
+        # The extension's own status is worth showing even where no GPU could run it.
+        status["cuda"] += "; " + (_extension.load()[1] or "gradclip._C is built")
+        status["triton"] += "; " + (_triton_import() or "triton imports (CPU tensors under TRITON_INTERPRET=1)")
+    status["reference"] = "available (pure PyTorch, any device)"
+    return status

@@ -31,7 +31,7 @@ def patch_torch() -> _Patched:
     clip_grad_value_} with gradclip's (backend "auto", or $GRADCLIP_BACKEND). Idempotent.
     Usable as `with gradclip.patch_torch(): ...`."""
     for module in _MODULES:
-        for name in _NAMES:
+        for name in (n for n in _NAMES if hasattr(module, n)):
             _originals.setdefault((module, name), getattr(module, name))
             setattr(module, name, getattr(clip, name))
     return _Patched()

@@ -51,17 +51,42 @@ def scaled_vector_norm(x: Tensor, norm_type: float) -> Tensor:
     return torch.where(torch.isfinite(peak), scaled, peak)
 
 
+# fp64 accumulation of fp16/bf16/fp32 values cannot overflow for 0 < p <= 7: (3.4e38)^7 * 2^63 < 1.8e308.
+_FP64_SAFE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_FP64_SAFE_MAX_P = 7.0
+
+
+def _fp64_is_safe(dtypes, norm_type: float) -> bool:
+    in_range = norm_type == math.inf or 0 < norm_type <= _FP64_SAFE_MAX_P
+    return in_range and all(d in _FP64_SAFE_DTYPES for d in dtypes)
+
+
 def per_tensor_norms(grads: list[Tensor], norm_type: float) -> Tensor:
-    """One fp64 norm per gradient, stacked (shape [len(grads)])."""
+    """One fp64 norm per gradient, stacked (shape [len(grads)]).
+
+    fp16/bf16/fp32 gradients take one foreach op accumulating in fp64 (overflow-free, see above);
+    fp64/complex gradients and large p take the scaled path.
+    """
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
+    if _fp64_is_safe((g.dtype for g in grads), norm_type):
+        if norm_type != math.inf or all(g.numel() > 0 for g in grads):
+            return torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float64))
+        # torch has no inf-norm of a zero-size tensor (max has no identity); its norm is 0 here.
+        zero = grads[0].new_zeros((), dtype=torch.float64)
+        nonempty = [g for g in grads if g.numel() > 0]
+        nonempty = iter(torch._foreach_norm(nonempty, norm_type, dtype=torch.float64) if nonempty else ())
+        return torch.stack([next(nonempty) if g.numel() > 0 else zero for g in grads])
     return torch.stack([scaled_vector_norm(g, norm_type) for g in grads])
 
 
 def combine_norms(norms: Tensor, norm_type: float, out_dtype: torch.dtype) -> Tensor:
-    """Total norm from per-tensor (or per-group) norms, as torch does: the p-norm of the norms."""
+    """Total norm from per-tensor (or per-group) fp64 norms, as torch does: the p-norm of the norms."""
     if norms.numel() == 0:
         return torch.zeros((), dtype=out_dtype, device=norms.device)
+    if out_dtype == torch.float32 and _fp64_is_safe((), norm_type):
+        # Norms of fp32-range values stay below 3.4e38 * 2^32: fp64 powers of them cannot overflow.
+        return torch.linalg.vector_norm(norms, norm_type).to(out_dtype)
     return scaled_vector_norm(norms, norm_type).to(out_dtype)
 
 
@@ -83,11 +108,9 @@ def clip_grads_with_norm_(grads: list[Tensor], max_norm: float, total: Tensor) -
     if not grads:
         return
     coef = clip_coefficient(max_norm, total.to(grads[0].device))
-    for g in grads:
-        # Multiply in at least fp32, round once to the gradient's dtype (what torch._foreach_mul_ does).
-        # The coefficient is exactly 1.0 when no clipping is needed, so the bits are unchanged.
-        compute = torch.promote_types(g.dtype, coef.dtype)
-        g.copy_(g.to(compute) * coef.to(compute))
+    # foreach_mul_ multiplies in at least fp32 and rounds once to each gradient's dtype. The
+    # coefficient is exactly 1.0 when no clipping is needed, so the bits are unchanged.
+    torch._foreach_mul_(grads, coef)
 
 
 def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
@@ -99,5 +122,6 @@ def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float) -> T
 
 def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
     """Clamp every gradient to [-clip_value, clip_value] in place; NaN stays NaN."""
-    for g in grads:
-        g.clamp_(min=-clip_value, max=clip_value)
+    if grads:
+        torch._foreach_clamp_min_(grads, -clip_value)
+        torch._foreach_clamp_max_(grads, clip_value)
