@@ -1,7 +1,7 @@
-"""The implementations compared side by side, each a factory `make(params, max_norm) -> call`.
+"""The implementations compared side by side, each a factory `make(params, max_norms) -> calls`.
 
-`call()` clips the gradients of `params` in place and returns the total norm (a device tensor),
-so every provider is timed doing the same job. A provider that only computes the norm says so
+`calls[k]()` clips the gradients of `params` in place with max_norms[k] and returns the total norm
+(a device tensor), so every provider is timed doing the same job. A provider that only computes the norm says so
 (`norm_only`), and its figures compare with the 1-pass floor only.
 """
 
@@ -22,44 +22,64 @@ Call = Callable[[], torch.Tensor]
 @dataclass
 class Provider:
     name: str
-    make: Callable[[list[torch.Tensor], float], Call]
+    make: Callable[[list[torch.Tensor], list[float]], list[Call]]
     is_baseline: bool = False  # torch's own code: checked with the loose, dtype-rounding tolerance
     norm_only: bool = False
     compiled: bool = False  # torch.compile: first call is the compile, timed separately
     notes: list[str] = field(default_factory=list)
 
 
-def _torch_foreach(params, max_norm):
+def _torch_foreach(params, max_norms):
     # foreach=None is torch's default: the foreach kernels on CUDA, the for-loop on CPU (torch has
     # no CPU foreach norm), which is what a user's call gets.
-    return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return [lambda m=m: torch.nn.utils.clip_grad_norm_(params, m) for m in max_norms]
 
 
-def _torch_loop(params, max_norm):
-    return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+def _torch_loop(params, max_norms):
+    return [lambda m=m: torch.nn.utils.clip_grad_norm_(params, m, foreach=False) for m in max_norms]
 
 
-def _torch_compile(params, max_norm):
-    def clip():
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+_compiled: dict[int, tuple[list[torch.Tensor], Callable]] = {}
 
-    return torch.compile(clip)
+
+def _torch_compile(params, max_norms):
+    """torch.compile of torch's clip_grad_norm_, compiled once per parameter list.
+
+    max_norm is passed as a 0-dim device tensor (torch's clip accepts one), so the changing
+    max_norms of a timed sequence do not recompile; one compiled graph serves every call.
+    """
+    if id(params) not in _compiled or _compiled[id(params)][0] is not params:
+
+        def clip(max_norm):
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+        _compiled[id(params)] = (params, torch.compile(clip))
+    fn = _compiled[id(params)][1]
+    device = params[0].grad.device
+    bounds = [torch.tensor(m, dtype=torch.float32, device=device) for m in max_norms]
+    return [lambda b=b: fn(b) for b in bounds]
+
+
+def reset() -> None:
+    """Drop the compiled functions (and the parameters they hold) before the next workload."""
+    _compiled.clear()
+    torch._dynamo.reset()
 
 
 def _gradclip(backend: str):
-    def make(params, max_norm):
-        return lambda: gradclip.clip_grad_norm_(params, max_norm, backend=backend)
+    def make(params, max_norms):
+        return [lambda m=m: gradclip.clip_grad_norm_(params, m, backend=backend) for m in max_norms]
 
     return make
 
 
-def _apex_clip(params, max_norm):
+def _apex_clip(params, max_norms):
     from apex.contrib.clip_grad import clip_grad_norm_  # noqa: PLC0415
 
-    return lambda: clip_grad_norm_(params, max_norm)
+    return [lambda m=m: clip_grad_norm_(params, m) for m in max_norms]
 
 
-def _apex_l2norm(params, max_norm):
+def _apex_l2norm(params, max_norms):
     """apex multi_tensor_l2norm per dtype, combined: the norm only (one pass, no rescale)."""
     import amp_C  # noqa: PLC0415
     from apex.multi_tensor_apply import multi_tensor_applier  # noqa: PLC0415
@@ -70,10 +90,12 @@ def _apex_l2norm(params, max_norm):
     flag = torch.zeros(1, dtype=torch.int, device=params[0].grad.device)
 
     def call():
-        norms = [multi_tensor_applier(amp_C.multi_tensor_l2norm, flag, [g], False)[0] for g in by_dtype.values()]
+        norms = [
+            multi_tensor_applier(amp_C.multi_tensor_l2norm, flag, [g], False)[0] for g in by_dtype.values()
+        ]
         return torch.linalg.vector_norm(torch.stack([n.float().reshape(()) for n in norms]))
 
-    return call
+    return [call for _ in max_norms]
 
 
 def apex_status() -> tuple[str, str]:

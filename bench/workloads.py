@@ -165,5 +165,7 @@ def sample(workload: Workload, cap: int = 1 << 18) -> Workload:
     Used for the correctness gate of workloads too large to hold a second copy of: it keeps what
     the multi-tensor launch metadata sees (count, order, dtypes) and keeps tensors above one chunk.
     """
-    shapes = tuple(s if math.prod(s) <= cap else (cap + (i * 7919) % 1021,) for i, s in enumerate(workload.shapes))
+    shapes = tuple(
+        s if math.prod(s) <= cap else (cap + (i * 7919) % 1021,) for i, s in enumerate(workload.shapes)
+    )
     return Workload(workload.name + " (sample)", shapes)
