@@ -1,0 +1,343 @@
+"""The Triton backend: implements the `gradclip::triton_*` ops for the CUDA and CPU dispatch keys.
+
+Importing this module registers the implementations (gradclip/backends.py imports it lazily). CPU
+tensors run the same kernel code under the Triton interpreter, a test tool: only in a process
+where TRITON_INTERPRET=1 was set before triton was imported (triton fixes the flavour of every
+@triton.jit function at import); CUDA tensors only in a process where it was not.
+
+Guarantees, per op call on the gradients of one device (fp32/fp16/bf16, mixed; p in {1, 2, inf}):
+- GPU: one kernel launch (`clip_grad_norm_`, `total_norm`, `clip_grads_with_norm_`,
+  `clip_grad_value_`), no host synchronisation, and, once the tensor table of this exact set of
+  gradients is cached, no host-to-device copy and no allocation except the returned 0-dim norm:
+  safe to capture in a CUDA graph after one warm-up call.
+- The norm is a 0-dim fp32 tensor on the gradients' device, accumulated in fp64 (see
+  triton_kernels/clip_grad_norm.py), bitwise reproducible, within the tolerance of the fp64
+  reference; NaN/inf propagate as in torch. When the clip coefficient clamps to 1 no gradient is
+  written.
+- Gradients must be dense (contiguous, or any non-overlapping dense layout such as channels_last:
+  the kernels treat each one as `numel` consecutive elements). If any gradient is not dense the
+  whole op runs the reference implementation instead (correct, not fused); so do empty inputs.
+
+Tensor table (int64, on the device, one per distinct tuple of (data_ptr, numel, dtype)):
+
+    [0T, 1T)  address of each gradient's first element (data_ptr)
+    [1T, 2T)  numel
+    [2T, 3T)  tag: dtype (0 fp32, 1 fp16, 2 bf16) | 4 if the address is 16-byte aligned
+    [3T, 4T)  first chunk of the tensor (exclusive prefix sum of cdiv(numel, BLOCK))
+    [4T, 4T + 2P)  per program p: first and last tensor its chunks lie in
+
+Program p owns chunks [p*C//P, (p+1)*C//P) of the C chunks (BLOCK elements, never spanning two
+tensors), so the work is split evenly whatever the tensor sizes, and a per-tensor result (per-
+parameter norms) can later be added by the program owning the tensor's chunks. The cache entry
+also holds the fp64 partial slots and the never-reset barrier counter, so nothing is allocated
+or copied on a cache hit; entries used while a CUDA graph was being captured are never evicted.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from gradclip import reference
+
+# Elements per chunk, warps per program and programs per SM on the GPU. The GPU grid of the fused
+# kernel must be co-resident (grid barrier): it is launched cooperatively with <= 2 programs/SM.
+BLOCK = 4096
+NUM_WARPS = 8
+PROGRAMS_PER_SM = 2
+# The interpreter runs programs one after another: a small grid keeps the tests fast.
+INTERPRETER_PROGRAMS = 4
+# Rescale walks each program's chunks last-first (the chunks read last are likeliest still in L2).
+REVERSE_RESCALE = True
+CACHE_SIZE = 16
+
+_NORM_CODE = {2.0: 2, 1.0: 1, math.inf: 0}
+_DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ALIGNED16 = 4
+
+_config = {"block": BLOCK, "num_programs": None}
+
+
+def configure(block: int | None = None, num_programs: int | None = None) -> None:
+    """Override the chunk size (a power of two) and the grid size (None: per device); for tests.
+
+    Clears the table cache. `configure()` restores the defaults.
+    """
+    if block is not None and (block < 16 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    if num_programs is not None and num_programs < 1:
+        raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+    _config["block"] = block or BLOCK
+    _config["num_programs"] = num_programs
+    _cache.clear()
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+
+@functools.cache
+def interpreting() -> bool:
+    """True when triton was imported with TRITON_INTERPRET=1: its kernels run on CPU tensors then.
+
+    `@triton.jit` (triton.language's own functions included) picks interpreted or compiled when it
+    is imported, so one process is one or the other: setting the variable later changes nothing.
+    """
+    import triton.language as tl  # noqa: PLC0415
+
+    return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+def _kernel(name: str, device: torch.device):
+    """The @triton.jit kernel `name` of gradclip.triton_kernels, checked to suit `device`."""
+    interpret = interpreting()
+    if (device.type == "cpu") != interpret:
+        if interpret:
+            raise RuntimeError(
+                f"the triton backend cannot run {device.type} tensors in a process where triton was imported "
+                "with TRITON_INTERPRET=1 (the interpreter serves CPU tensors); fix: unset TRITON_INTERPRET"
+            )
+        raise RuntimeError(
+            "the triton backend runs CPU tensors only under the Triton interpreter, and triton was imported "
+            "without TRITON_INTERPRET=1; fix: set TRITON_INTERPRET=1 before anything imports triton"
+        )
+    kernel = _kernels.get(name)
+    if kernel is None:
+        kernel = _kernels[name] = getattr(
+            importlib.import_module(f"gradclip.triton_kernels.{name}"), f"{name}_kernel"
+        )
+    return kernel
+
+
+_kernels: dict[str, object] = {}
+
+
+# --- the cached tensor table -----------------------------------------------------------------------
+
+
+@dataclass
+class _Table:
+    """Everything a launch needs for one set of gradients, resident on their device."""
+
+    table: Tensor  # int64, layout in the module docstring
+    num_tensors: int
+    total_chunks: int
+    num_programs: int
+    p_pow2: int
+    partials: Tensor  # fp64 [P]
+    sync: Tensor  # int32 [1], barrier counter, never reset
+    arrive_first: int  # program 0's barrier increment: 2^31 - (P - 1), as an int32
+    interpret: bool
+    host: Tensor | None = None  # pinned source of `table`, kept alive until the copy is done
+    captured: bool = False
+
+
+_cache: collections.OrderedDict = collections.OrderedDict()
+_sm_count: dict[int, int] = {}
+
+
+def _grid_size(device: torch.device, total_chunks: int) -> int:
+    if _config["num_programs"] is not None:
+        programs = _config["num_programs"]
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _sm_count:
+            _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        programs = PROGRAMS_PER_SM * _sm_count[index]
+    else:
+        programs = INTERPRETER_PROGRAMS
+    return max(1, min(programs, total_chunks))
+
+
+def _build(grads: list[Tensor], device: torch.device) -> _Table:
+    block = _config["block"]
+    ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    numels = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
+    tags = torch.tensor([_DTYPE_TAG[g.dtype] for g in grads], dtype=torch.int64)
+    tags |= torch.where(ptrs % 16 == 0, _ALIGNED16, 0)
+    chunk_end = torch.cumsum((numels + block - 1) // block, 0)
+    total_chunks = int(chunk_end[-1])
+    programs = _grid_size(device, total_chunks)
+    bounds = torch.arange(programs + 1, dtype=torch.int64) * total_chunks // programs
+    first = torch.searchsorted(chunk_end, bounds[:-1], right=True)
+    last = torch.searchsorted(chunk_end, (bounds[1:] - 1).clamp_min(0), right=True)
+    ranges = torch.stack([first, last], 1).reshape(-1)
+    host = torch.cat([ptrs, numels, tags, chunk_end - (numels + block - 1) // block, ranges])
+    interpret = device.type != "cuda"
+    if interpret:
+        table = host
+        host = None
+    else:
+        host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+    arrive_first = (2**31 - (programs - 1)) % 2**32
+    return _Table(
+        table=table,
+        num_tensors=len(grads),
+        total_chunks=total_chunks,
+        num_programs=programs,
+        p_pow2=triton.next_power_of_2(programs),
+        partials=torch.full((programs,), math.nan, dtype=torch.float64, device=device),
+        sync=torch.zeros(1, dtype=torch.int32, device=device),
+        arrive_first=arrive_first - 2**32 if arrive_first >= 2**31 else arrive_first,
+        interpret=interpret,
+        host=host,
+    )
+
+
+def _is_dense(g: Tensor) -> bool:
+    """True when g's elements are exactly the `numel` consecutive elements from data_ptr."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(g.stride(), g.shape, strict=True) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _table(grads: list[Tensor]) -> _Table | None:
+    """The cached table of `grads`, or None when the kernels cannot serve them (reference then).
+
+    Per call: one key of (data_ptr, numel, dtype) per tensor and a contiguity check; a dict hit.
+    """
+    if not grads:
+        return None
+    if not all(map(Tensor.is_contiguous, grads)) and not all(_is_dense(g) for g in grads):
+        return None
+    device = grads[0].device
+    key = (
+        device,
+        tuple(map(Tensor.data_ptr, grads)),
+        tuple(map(Tensor.numel, grads)),
+        tuple(g.dtype for g in grads),
+    )
+    entry = _cache.get(key)
+    if entry is None:
+        if device.type not in ("cuda", "cpu") or sum(key[2]) == 0:
+            return None
+        if any(g.device != device or g.dtype not in _DTYPE_TAG for g in grads):
+            return None
+        entry = _build(grads, device)
+        while len(_cache) >= CACHE_SIZE:
+            victim = next((k for k, e in _cache.items() if not e.captured), None)
+            if victim is None:
+                break
+            del _cache[victim]
+        _cache[key] = entry
+    if not entry.captured and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        entry.captured = True  # a graph holds its addresses now: never free it
+    return entry
+
+
+# --- launches --------------------------------------------------------------------------------------
+
+
+def _launch_norm(
+    entry: _Table, norm: Tensor, max_norm: float, norm_code: int, scale: bool, phase: int
+) -> None:
+    kernel = _kernel("clip_grad_norm", norm.device)
+    args = (
+        entry.table,
+        entry.num_tensors,
+        entry.total_chunks,
+        entry.partials,
+        norm,
+        entry.sync,
+        float(max_norm),
+        entry.arrive_first,
+    )
+    meta = dict(
+        NORM=norm_code,
+        SCALE=scale,
+        REVERSE=REVERSE_RESCALE,
+        BLOCK=_config["block"],
+        P_POW2=entry.p_pow2,
+        num_warps=NUM_WARPS,
+    )
+    grid = (entry.num_programs,)
+    if entry.interpret:
+        if phase == 0:  # the interpreter cannot run the grid barrier: same code, two launches
+            kernel[grid](*args, PHASE=1, **meta)
+            kernel[grid](*args, PHASE=2, **meta)
+        else:
+            kernel[grid](*args, PHASE=phase, **meta)
+        return
+    with torch.cuda.device(norm.device):
+        if phase == 0:
+            kernel[grid](*args, PHASE=0, launch_cooperative_grid=True, **meta)
+        else:
+            kernel[grid](*args, PHASE=phase, **meta)
+
+
+def _check_norm_type(norm_type: float) -> int | None:
+    return _NORM_CODE.get(float(norm_type))
+
+
+def total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
+    """Global p-norm of `grads` (one device), a 0-dim fp32 tensor: one launch on the GPU."""
+    norm_code = _check_norm_type(norm_type)
+    entry = _table(grads) if norm_code is not None else None
+    if entry is None:
+        return reference.total_norm(grads, norm_type)
+    norm = torch.empty((), dtype=torch.float32, device=grads[0].device)
+    _launch_norm(entry, norm, 0.0, norm_code, scale=False, phase=0)
+    return norm
+
+
+def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
+    """Fused norm + in-place rescale (skipped when the coefficient clamps to 1): one launch on the GPU."""
+    norm_code = _check_norm_type(norm_type)
+    entry = _table(grads) if norm_code is not None else None
+    if entry is None:
+        return reference.clip_grad_norm_(grads, max_norm, norm_type)
+    norm = torch.empty((), dtype=torch.float32, device=grads[0].device)
+    _launch_norm(entry, norm, max_norm, norm_code, scale=True, phase=0)
+    return norm
+
+
+def clip_grads_with_norm_(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
+    """Scale by min(max_norm / (total_norm + 1e-6), 1) read on the device; no write when it is 1.
+
+    A total_norm that is not fp32 is converted to fp32 on the device first (one extra tiny op).
+    """
+    entry = _table(grads)
+    if entry is None:
+        reference.clip_grads_with_norm_(grads, max_norm, total_norm)
+        return
+    norm = total_norm.to(device=grads[0].device, dtype=torch.float32)
+    _launch_norm(entry, norm, max_norm, 2, scale=True, phase=3)
+
+
+def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
+    """Clamp every gradient to [-clip_value, clip_value] in place: one launch; NaN stays NaN."""
+    entry = _table(grads)
+    if entry is None:
+        reference.clip_grad_value_(grads, clip_value)
+        return
+    kernel = _kernel("clip_grad_value", grads[0].device)
+    grid = (entry.num_programs,)
+    args = (entry.table, entry.num_tensors, entry.total_chunks, float(clip_value))
+    if entry.interpret:
+        kernel[grid](*args, BLOCK=_config["block"], num_warps=NUM_WARPS)
+        return
+    with torch.cuda.device(grads[0].device):
+        kernel[grid](*args, BLOCK=_config["block"], num_warps=NUM_WARPS)
+
+
+# --- registration ----------------------------------------------------------------------------------
+
+_lib = torch.library.Library("gradclip", "IMPL")  # noqa: TOR901 (kept alive for the process)
+for _name, _fn in {
+    "total_norm": total_norm,
+    "clip_grad_norm_": clip_grad_norm_,
+    "clip_grads_with_norm_": clip_grads_with_norm_,
+    "clip_grad_value_": clip_grad_value_,
+}.items():
+    for _key in ("CUDA", "CPU"):
+        _lib.impl(f"triton_{_name}", _fn, _key)

@@ -1,0 +1,80 @@
+"""In-place clamp of every gradient of one device to [-clip_value, clip_value]: one launch.
+
+Math: x <- min(max(x, -v), v) per element, compared in fp32 (v cast to fp32 in-kernel) and the
+bound rounded once to the gradient dtype, as torch.clamp_min_/clamp_max_ do. NaN stays NaN (both
+comparisons are false). Only elements that change are stored (the store mask is "out of range"),
+so in-range gradients keep their exact bits.
+
+Bytes moved (N elements of e bytes, T tensors, P programs): reads N*e once plus the table
+(40 B per tensor walked + 16 B per program); writes e bytes per clamped element only. Floor: N*e
+read, plus the writes of the clamped elements.
+
+Work split: the same tensor table and contiguous per-program chunk ranges as clip_grad_norm.py
+(layout in gradclip/triton_backend.py); dtype tag dispatched per tensor; 16-byte vector path
+for full chunks of 16-byte-aligned tensors, masked scalar path otherwise; int64 offsets.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TAG_ALIGNED16 = tl.constexpr(4)  # the 16-byte-aligned flag of a table tag (bits 0-1: the dtype)
+
+
+@triton.constexpr_function
+def _elem_type(tag):
+    return (tl.float32, tl.float16, tl.bfloat16)[tag]
+
+
+@triton.jit
+def _clamp_chunk(ptr, offs, mask, lo, hi, ELEM: tl.constexpr):
+    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    below = x < lo
+    above = x > hi
+    y = tl.where(below, lo, hi)
+    tl.store(ptr + offs, y.to(ELEM), mask=mask & (below | above))
+
+
+@triton.jit
+def clip_grad_value_kernel(
+    table_ptr,  # int64 tensor table (layout: gradclip/triton_backend.py)
+    num_tensors,  # T
+    total_chunks,  # C = sum over tensors of cdiv(numel, BLOCK)
+    clip_value,  # float
+    BLOCK: tl.constexpr,  # elements per chunk
+):
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    c_lo = pid * total_chunks // nprog
+    c_hi = (pid + 1) * total_chunks // nprog
+    ranges = table_ptr + 4 * num_tensors + 2 * pid
+    t_first = tl.load(ranges)
+    t_last = tl.load(ranges + 1)
+    hi_bound = tl.cast(clip_value, tl.float32)
+    lo_bound = -hi_bound
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    all_lanes = lanes < BLOCK  # an all-true mask: keeps the full-chunk accesses vectorised
+    t = t_first
+    while t <= t_last:
+        addr = tl.load(table_ptr + t)
+        numel = tl.load(table_ptr + num_tensors + t)
+        tag = tl.load(table_ptr + 2 * num_tensors + t)
+        chunk0 = tl.load(table_ptr + 3 * num_tensors + t)
+        lo = tl.maximum(c_lo - chunk0, 0)
+        hi = tl.minimum(c_hi - chunk0, tl.cdiv(numel, BLOCK))
+        aligned = (tag & TAG_ALIGNED16) != 0
+        for k in tl.static_range(3):
+            if (tag & 3) == k:
+                ptr = addr.to(tl.pointer_type(_elem_type(k)))
+                c = lo
+                while c < hi:
+                    offs = c * BLOCK + lanes
+                    if aligned & (c * BLOCK + BLOCK <= numel):
+                        _clamp_chunk(
+                            tl.multiple_of(ptr, 16), offs, all_lanes, lo_bound, hi_bound, _elem_type(k)
+                        )
+                    else:
+                        _clamp_chunk(ptr, offs, offs < numel, lo_bound, hi_bound, _elem_type(k))
+                    c += 1
+        t += 1
