@@ -34,9 +34,12 @@ def cuda_extension_plan():
         name="gradclip._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("csrc/*.cuh")),
+        # No -std flag: torch's BuildExtension adds the one its headers need (C++17, or C++20 for
+        # torch >= 2.10); the kernel sources compile under either.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"],
         },
     )
     summary = (

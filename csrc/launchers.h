@@ -1,0 +1,39 @@
+// Host launchers of the gradclip kernels (defined in norm_clip.cu and clip_value.cu).
+//
+// Torch-free: they take the tensor table, plain pointers and the stream, launch exactly one
+// kernel, and return the launch's cudaError_t for the binding to check. The caller has already
+// made `device` current (device guard) and validated the inputs.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "tensor_list.h"
+
+namespace gradclip {
+
+// Exactly one of the two is used: the inline table when non-null, else the device table.
+struct TableArg {
+  const InlineTable* inline_table;
+  DeviceTable device_table;
+
+  int64_t total_chunks() const { return inline_table ? inline_table->total_chunks : device_table.total_chunks; }
+};
+
+// Global p-norm of every gradient, and with `clip` the in-place rescale by
+// min(max_norm / (norm + 1e-6), 1), in ONE cooperative launch. `partials` holds kMaxGrid doubles
+// (overwritten, never read before written); `out_norm` receives the fp32 norm.
+cudaError_t launch_norm_clip(const TableArg& table, NormType norm_type, bool clip, float max_norm, double* partials,
+                             float* out_norm, int device, cudaStream_t stream);
+
+// In-place rescale by min(max_norm / (total_norm + 1e-6), 1) read from a device scalar (fp32, or
+// fp64 when `norm_is_double`): no host sync. Writes nothing when the coefficient is >= 1.
+cudaError_t launch_scale_by_norm(const TableArg& table, float max_norm, const void* total_norm, bool norm_is_double,
+                                 int device, cudaStream_t stream);
+
+// In-place clamp of every element to [-clip_value, clip_value], NaN kept, in one launch.
+cudaError_t launch_clip_value(const TableArg& table, float clip_value, int device, cudaStream_t stream);
+
+// Multiprocessor count of `device`, cached.
+int device_sm_count(int device);
+
+}  // namespace gradclip
