@@ -1,0 +1,219 @@
+"""Clipping across ranks: DTensor gradients (FSDP2, tensor parallel, n-D meshes) and process groups.
+
+`gradclip.clip` routes a call here only when a gradient is a DTensor or a `process_group` is given,
+so single-device training never imports or touches torch.distributed.
+
+The math. For p > 0 the p-th power of the global norm is a sum over all gradient elements, so it
+is additive over shards and ranks (and the inf-norm is a max, equally decomposable):
+
+    ||g||_p^p = sum over slots s of  S_s,  S_s = all_reduce_SUM over the groups of s (||local_s||_p^p)
+    ||g||_inf = max over slots s of  M_s,  M_s = all_reduce_MAX over the groups of s (||local_s||_inf)
+
+A *slot* is the set of gradients that must be reduced over the same tuple of process groups:
+- a DTensor is reduced over the groups of the mesh dims on which it is Shard (`Shard`,
+  `_StridedShard`); a mesh dim on which it is Replicate adds no group, so replicated values are
+  counted once (every rank of that dim holds the same value);
+- a plain tensor is local (no group);
+- `process_group`, when given, is appended to every slot: the gradients of this rank are one
+  disjoint part (pipeline stage, expert shard) of a model spread over that group.
+Local norms come from the fastest backend op (`{b}_total_norm` on the local shards, one op call per
+slot and device/backend group); their p-th powers are taken in fp64, put into one small fp64
+vector, and each distinct process group gets ONE all_reduce over the entries of the slots that
+need it, in first-seen order (the same on every rank of an SPMD program), so a call issues one
+collective per distinct process group whatever the number of parameters, and runs in linear time.
+Mesh dims of size 1 issue nothing. The norm is then rebuilt on every rank from identical reduced
+values in the same order, so it is bitwise identical everywhere, and the local shards are scaled
+on the device with `{b}_clip_grads_with_norm_`: no host synchronisation (unless
+error_if_nonfinite=True, which must read the norm, and raises on every rank alike).
+
+Non-finite values: a NaN anywhere makes the norm NaN on every rank (SUM propagates NaN; for the
+inf-norm MAX reduction, whose NaN handling differs between backends, a NaN flag travels in the
+same collective), an inf makes it inf.
+
+Partial placements (unreduced gradients, e.g. after a custom loss-parallel backward) are supported
+but not on the fast path: the norm of a sum is not a sum of norms, so each such gradient is first
+redistributed to Replicate on its Partial dims (one collective per tensor, as in torch); the clip
+then scales the partial local values, which is exact because the reduction is linear (sum/avg) or
+commutes with a positive scale (max/min). FSDP2 and tensor parallel gradients are never Partial.
+
+Limits: the power sums are fp64, so nothing overflows for fp16/bf16/fp32 gradients with p <= 2
+(fp32max^2 ~ 1e77); fp64 gradients whose norm exceeds ~1e154 (p = 2), or very large p, can
+overflow to inf, as torch does. p must be > 0 (or inf). Every rank of a group must call with the
+same structure of gradients (same meshes and placements in the same order), as in any SPMD code.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradclip import ops, reference
+from gradclip.clip import _plan, _raise_if_nonfinite, _total_norm
+
+
+def dtensor_class() -> type | None:
+    """The DTensor class if torch.distributed.tensor is imported, else None (then none can exist)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The local shard of each DTensor (a view sharing storage, so in-place ops reach the DTensor)."""
+    cls = dtensor_class()
+    if cls is None:
+        return list(tensors)
+    return [t._local_tensor if isinstance(t, cls) else t for t in tensors]
+
+
+def plain_norm(norm: Tensor) -> Tensor:
+    """A norm given as a DTensor (torch's get_total_norm on DTensors returns one) as a plain tensor."""
+    cls = dtensor_class()
+    return norm.full_tensor() if cls is not None and isinstance(norm, cls) else norm
+
+
+def _check_norm_type(norm_type: float) -> None:
+    if not norm_type > 0:
+        raise ValueError(
+            f"norm_type={norm_type} across ranks: gradclip reduces p-th powers, so it takes p > 0 or inf"
+        )
+
+
+def _groups_of_placements(mesh, placements) -> tuple[tuple, bool]:
+    """(process groups to SUM/MAX over, has_partial) for one DTensor layout."""
+    groups = []
+    partial = False
+    for dim, placement in enumerate(placements):
+        if placement.is_replicate():
+            continue
+        if placement.is_partial():  # reduced to Replicate before the norm (_replicate_partials)
+            partial = True
+            continue
+        if placement.is_shard():
+            if mesh.size(dim) > 1:
+                groups.append(mesh.get_group(dim))
+            continue
+        raise NotImplementedError(f"gradclip does not know the DTensor placement {placement!r}")
+    return tuple(groups), partial
+
+
+def _replicate_partials(t: Tensor) -> Tensor:
+    """The local values of `t` with its Partial mesh dims reduced (one collective per tensor)."""
+    from torch.distributed.tensor import Replicate  # noqa: PLC0415 (only for Partial grads)
+
+    placements = [Replicate() if p.is_partial() else p for p in t.placements]
+    return t.redistribute(t.device_mesh, placements)._local_tensor
+
+
+def _slots(tensors: Sequence[Tensor], process_group) -> tuple[dict[tuple, list[Tensor]], list[Tensor]]:
+    """Bucket local tensors by the tuple of groups to reduce over; also return every local shard."""
+    cls = dtensor_class()
+    extra = () if process_group is None else (process_group,)
+    layouts: dict[tuple, tuple[tuple, bool]] = {}
+    slots: dict[tuple, list[Tensor]] = {}
+    keys: dict[tuple, tuple] = {}  # tuple of ids -> the tuple of groups it was first seen with
+    shards: list[Tensor] = []
+    for t in tensors:
+        if cls is not None and isinstance(t, cls):
+            spec = t._spec
+            layout = (id(spec.mesh), spec.placements)
+            found = layouts.get(layout)
+            if found is None:
+                found = layouts[layout] = _groups_of_placements(spec.mesh, spec.placements)
+            groups, partial = found
+            local = t._local_tensor
+            shards.append(local)
+            norm_of = _replicate_partials(t) if partial else local
+        else:
+            groups = ()
+            shards.append(t)
+            norm_of = t
+        groups = groups + extra
+        ids = tuple(id(g) for g in groups)
+        key = keys.setdefault(ids, groups)
+        if norm_of.numel():
+            slots.setdefault(key, []).append(norm_of)
+        else:
+            slots.setdefault(key, [])
+    if extra and not slots:  # no tensors here: still take part in the group's collective
+        slots[extra] = []
+    return slots, shards
+
+
+def _device_for(tensors: Sequence[Tensor], process_group) -> torch.device:
+    for t in tensors:
+        return t.device
+    backend = dist.get_backend(process_group)
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(values: Tensor, group, use_max: bool) -> Tensor:
+    """One collective over `group`; a MAX reduction carries NaN flags alongside the values."""
+    if not use_max:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+        return values
+    nan = values.isnan()
+    packed = torch.cat([torch.where(nan, torch.zeros_like(values), values), nan.to(values.dtype)])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+    n = values.numel()
+    return torch.where(packed[n:] > 0, torch.full_like(values, math.nan), packed[:n])
+
+
+def total_norm(tensors: Sequence[Tensor], norm_type: float, backend: str, process_group=None) -> Tensor:
+    """The p-norm of all `tensors` (plain or DTensor) across ranks; see the module docstring.
+
+    Returns a plain 0-dim tensor on the first tensor's device, fp32 (fp64 if any gradient is fp64),
+    identical on every rank. One collective per distinct process group, no host sync.
+    """
+    _check_norm_type(norm_type)
+    slots, shards = _slots(tensors, process_group)
+    out_dtype = reference.norm_dtype(t.dtype for t in shards)
+    if not slots:  # only possible with no tensors and no process group
+        return torch.zeros((), dtype=out_dtype)
+    device = _device_for(shards, process_group)
+    use_max = math.isinf(norm_type)
+    powers: list[Tensor] = []
+    for members in slots.values():
+        if not members:
+            powers.append(torch.zeros((), dtype=torch.float64, device=device))
+            continue
+        norm = _total_norm(_plan(members, norm_type, backend), norm_type, device)
+        norm = norm.to(device=device, dtype=torch.float64)
+        powers.append(norm if use_max else norm.pow(norm_type))
+    # One all_reduce per distinct group (first-seen order), over the entries of the slots that need it.
+    users: dict[int, tuple[object, list[int]]] = {}
+    for index, groups in enumerate(slots):
+        for group in groups:
+            users.setdefault(id(group), (group, []))[1].append(index)
+    for group, indices in users.values():
+        reduced = _all_reduce(torch.stack([powers[i] for i in indices]), group, use_max)
+        for k, i in enumerate(indices):
+            powers[i] = reduced[k]
+    values = torch.stack(powers)
+    total = values.max() if use_max else values.sum().pow(1.0 / norm_type)
+    return total.to(out_dtype)
+
+
+def clip_grad_norm_(
+    grads: Sequence[Tensor],
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+    backend: str,
+    process_group=None,
+) -> Tensor:
+    """Global norm across ranks, then every local shard scaled on its device by min(max_norm / (norm + 1e-6), 1)."""
+    total = total_norm(grads, norm_type, backend, process_group)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(total, norm_type)  # every rank holds the same norm, so all raise alike
+    shards = [t for t in local_tensors(grads) if t.numel()]
+    for group in _plan(shards, None, backend):
+        norm = total.to(group.grads[0].device)
+        ops.op(group.backend, "clip_grads_with_norm_")(group.grads, max_norm, norm)
+    return total
