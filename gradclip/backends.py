@@ -25,8 +25,25 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve these gradients."""
 
 
+def constant_under_compile(fn):
+    """Mark `fn` as torch.compiler.assume_constant_result does: Dynamo calls it while tracing and
+    bakes in the result instead of tracing into it (imports, cached checks, os.environ).
+
+    That public decorator sets this one attribute but imports torch._dynamo first, which would add
+    ~0.9 s to `import gradclip`. tests/test_compile.py breaks if torch stops honouring the attribute.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@constant_under_compile
+def _env_backend() -> str:
+    """$GRADCLIP_BACKEND, read at every eager call; under torch.compile, once per compilation."""
+    return os.environ.get(ENV_BACKEND, "auto") or "auto"
 
 
 @functools.cache
@@ -47,8 +64,12 @@ def _cuda_runtime() -> str:
     return ""
 
 
+@constant_under_compile
 def why_unavailable(backend: str, device_type: str) -> str:
-    """Empty string when `backend` can run on `device_type` here, else the missing piece."""
+    """Empty string when `backend` can run on `device_type` here, else the missing piece.
+
+    A constant to torch.compile: Dynamo runs it (imports, cached checks) instead of tracing it.
+    """
     if backend == "reference":
         return ""
     if backend == "triton":
@@ -71,7 +92,7 @@ def _kernel_can_serve(dtype: torch.dtype, norm_type: float | None) -> bool:
 def requested(backend: str) -> str:
     """The backend asked for: the argument, with GRADCLIP_BACKEND overriding "auto"."""
     if backend == "auto":
-        backend = os.environ.get(ENV_BACKEND, "auto") or "auto"
+        backend = _env_backend()
     if backend not in CHOICES:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
     return backend
@@ -109,6 +130,8 @@ def report() -> dict[str, str]:
     if not torch.cuda.is_available():
         # The extension's own status is worth showing even where no GPU could run it.
         status["cuda"] += "; " + (_extension.load()[1] or "gradclip._C is built")
-        status["triton"] += "; " + (_triton_import() or "triton imports (CPU tensors under TRITON_INTERPRET=1)")
+        status["triton"] += "; " + (
+            _triton_import() or "triton imports (CPU tensors under TRITON_INTERPRET=1)"
+        )
     status["reference"] = "available (pure PyTorch, any device)"
     return status

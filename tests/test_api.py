@@ -390,3 +390,16 @@ def test_grads_on_several_devices_are_grouped_per_device():
     torch.testing.assert_close(norm, torch_norm)
     for ours, t in zip(grads(params), grads(theirs), strict=True):
         torch.testing.assert_close(ours, t)
+
+
+def test_import_is_light():
+    """`import gradclip` loads neither Triton, torch._dynamo, the extension nor torch.distributed.tensor."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gradclip; heavy = ['triton', 'torch._dynamo', 'gradclip._C', 'torch.distributed.tensor', "
+        "'gradclip.triton_backend', 'gradclip.distributed']; print([m for m in heavy if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
