@@ -59,7 +59,11 @@ setup(
     python_requires=">=3.10",
     # triton_kernels/ is mapped under gradclip: Triton ships a top-level package of that name.
     packages=["gradclip", "gradclip.triton_kernels", "gradclip.bench"],
-    package_dir={"gradclip": "gradclip", "gradclip.triton_kernels": "triton_kernels", "gradclip.bench": "bench"},
+    package_dir={
+        "gradclip": "gradclip",
+        "gradclip.triton_kernels": "triton_kernels",
+        "gradclip.bench": "bench",
+    },
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton==3.6.0"],

@@ -31,7 +31,9 @@ class AddingModel(nn.Module):
         return self.head(out[:, -1]).squeeze(-1)
 
 
-def adding_batch(batch: int, length: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+def adding_batch(
+    batch: int, length: int, generator: torch.Generator, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.rand(batch, length, generator=generator)
     marks = torch.zeros(batch, length)
     first = torch.randint(0, length // 2, (batch,), generator=generator)
@@ -91,7 +93,9 @@ def train(clip: str, args, device: torch.device) -> dict:
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"{'clipping':<10} {'final loss':>11} {'max grad norm':>14} {'non-finite steps':>17} {'clip ms/step':>13}")
+    print(
+        f"{'clipping':<10} {'final loss':>11} {'max grad norm':>14} {'non-finite steps':>17} {'clip ms/step':>13}"
+    )
     for r in runs:
         print(
             f"{r['clip']:<10} {r['final_loss']:>11.4g} {r['max_norm']:>14.4g} {r['nonfinite_steps']:>17d} "
@@ -137,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(f"Adding problem, length {args.length}, LSTM hidden {args.hidden}, SGD lr {args.lr}, "
-          f"{args.steps} steps on {device}; gradclip backend: {gradclip.backends.requested('auto')}")
+    print(
+        f"Adding problem, length {args.length}, LSTM hidden {args.hidden}, SGD lr {args.lr}, "
+        f"{args.steps} steps on {device}; gradclip backend: {gradclip.backends.requested('auto')}"
+    )
     runs = []
     for clip in ("none", "torch", "gradclip"):
         start = time.perf_counter()

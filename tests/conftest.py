@@ -37,7 +37,10 @@ def pytest_collection_modifyitems(config, items):
     reasons = {
         "cuda": (_has_cuda, "needs a CUDA GPU"),
         "triton": (_has_triton, "needs triton (pip install triton==3.6.0)"),
-        "cuda_extension": (lambda: _has_cuda() and _has_cuda_extension(), "needs a GPU and the built gradclip._C"),
+        "cuda_extension": (
+            lambda: _has_cuda() and _has_cuda_extension(),
+            "needs a GPU and the built gradclip._C",
+        ),
     }
     for item in items:
         for name, (check, why) in reasons.items():
@@ -48,6 +51,19 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     for name in ("cuda", "triton", "cuda_extension"):
         config.addinivalue_line("markers", f"requires_{name}: skip unless the test machine has {name}")
+
+
+# The adversarial shape grid shared by the API and kernel tests (STYLE.md), as lists of gradient
+# shapes with readable ids; kernel tests add cases tied to their chunk and grid sizes.
+SHAPE_GRID = {
+    "one-scalar": [()],
+    "size-1": [(1,)],
+    "size-3": [(3,)],
+    "size-127": [(127,)],
+    "one-past-vector-width": [(9,), (5,), (17,)],
+    "zero-size-mixed": [(0,), (4, 0), (7,)],
+    "2000-tiny": [(3,)] * 2000,
+}
 
 
 # The one table of tolerances, per gradient dtype, for a kernel/reference result against the fp64

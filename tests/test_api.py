@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import conftest
 import pytest
 import torch
 from conftest import GRAD_TOL, NORM_TOL, fp64_norm
@@ -14,17 +15,7 @@ import gradclip
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 NORM_TYPES = [1.0, 2.0, math.inf, 3.0]
 
-# The adversarial shape grid (STYLE.md), as lists of gradient shapes with readable ids.
-SHAPE_GRID = {
-    "one-scalar": [()],
-    "size-1": [(1,)],
-    "size-3": [(3,)],
-    "size-127": [(127,)],
-    "one-past-vector-width": [(9,), (5,), (17,)],
-    "zero-size-mixed": [(0,), (4, 0), (7,)],
-    "several-2d": [(31, 33), (1, 7), (64,)],
-    "2000-tiny": [(3,)] * 2000,
-}
+SHAPE_GRID = {**conftest.SHAPE_GRID, "several-2d": [(31, 33), (1, 7), (64,)]}
 
 
 def make_params(shapes, dtype, seed=0, scale=1.0):
@@ -90,12 +81,16 @@ def test_clip_grad_norm_matches_torch_and_fp64(dtype, norm_type, case, max_norm)
 
     assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert norm.shape == () and norm.device == params[0].grad.device
-    torch.testing.assert_close(norm.double(), torch.tensor(expected_norm, dtype=torch.float64), **NORM_TOL[dtype])
+    torch.testing.assert_close(
+        norm.double(), torch.tensor(expected_norm, dtype=torch.float64), **NORM_TOL[dtype]
+    )
     if torch_norm.isfinite():
         torch.testing.assert_close(norm.double(), torch_norm.double(), **GRAD_TOL[dtype])
     if expected_norm + 1e-6 <= max_norm:
         for ours, original in zip(grads(params), grads(make_params(shapes, dtype)), strict=True):
-            assert torch.equal(bits(ours), bits(original)), "no clipping needed: gradients must be bit-identical"
+            assert torch.equal(bits(ours), bits(original)), (
+                "no clipping needed: gradients must be bit-identical"
+            )
     else:
         nonempty = [(g, e) for g, e in zip(grads(params), expected_grads, strict=True) if g.numel() > 0]
         theirs_nonempty = [g for g in grads(theirs) if g.numel() > 0]
@@ -186,9 +181,13 @@ def test_inputs_tensor_list_generator_and_empty():
     params.append(torch.nn.Parameter(torch.zeros(3)))  # grad None: skipped
     expected_norm = fp64_norm(grads(params), 2.0)
     assert gradclip.get_total_norm(grads(params)).item() == pytest.approx(expected_norm, rel=1e-6)
-    assert gradclip.get_total_norm(p.grad for p in params[:2]).item() == pytest.approx(expected_norm, rel=1e-6)
+    assert gradclip.get_total_norm(p.grad for p in params[:2]).item() == pytest.approx(
+        expected_norm, rel=1e-6
+    )
     single = clone_params(params[:1])[0]
-    assert gradclip.clip_grad_norm_(single, 1e9).item() == pytest.approx(fp64_norm([single.grad], 2.0), rel=1e-6)
+    assert gradclip.clip_grad_norm_(single, 1e9).item() == pytest.approx(
+        fp64_norm([single.grad], 2.0), rel=1e-6
+    )
     norm = gradclip.clip_grad_norm_((p for p in params), 1.0)
     assert norm.item() == pytest.approx(expected_norm, rel=1e-6)
     assert gradclip.get_total_norm(grads(params)).item() == pytest.approx(1.0, rel=1e-5)
@@ -279,7 +278,9 @@ def _params_with_bad_grad(kind):
 
 
 @pytest.mark.parametrize("kind", ["sparse", torch.int32, torch.bool], ids=str)
-@pytest.mark.parametrize("fn", ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"])
+@pytest.mark.parametrize(
+    "fn", ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+)
 def test_bad_gradients_raise_and_modify_nothing(kind, fn):
     params = _params_with_bad_grad(kind)
     before = params[0].grad.clone()
@@ -308,8 +309,16 @@ def test_bad_gradients_raise_and_modify_nothing(kind, fn):
         (lambda ps: gradclip.clip_grad_value_(ps, math.nan), "clip_value"),
         (lambda ps: gradclip.clip_grad_norm_(ps, 1.0, backend="fastest"), "backend"),
     ],
-    ids=["nan-max_norm", "negative-max_norm", "nan-norm_type", "nan-norm_type-total", "nan-max_norm-with-norm",
-         "negative-clip_value", "nan-clip_value", "unknown-backend"],
+    ids=[
+        "nan-max_norm",
+        "negative-max_norm",
+        "nan-norm_type",
+        "nan-norm_type-total",
+        "nan-max_norm-with-norm",
+        "negative-clip_value",
+        "nan-clip_value",
+        "unknown-backend",
+    ],
 )
 def test_bad_arguments_raise_and_modify_nothing(call, match):
     params = make_params([(4,), (2, 2)], torch.float32, scale=10.0)

@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import subprocess
 
+import conftest
 import pytest
 import torch
 from conftest import GRAD_TOL, NORM_TOL, fp64_norm
@@ -25,15 +26,9 @@ KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The adversarial shape grid for the kernels (STYLE.md); sizes are element counts.
 CHUNK = 1 << 16  # csrc/tensor_list.h kChunkElems
 SHAPES = {
-    "one-scalar": [()],
-    "size-1": [(1,)],
-    "size-3": [(3,)],
-    "size-127": [(127,)],
-    "one-past-vector-width": [(9,), (5,), (17,)],
-    "zero-size-mixed": [(0,), (4, 0), (7,)],
+    **conftest.SHAPE_GRID,
     "larger-than-a-chunk": [(3 * CHUNK + 5,)],
     "larger-than-first-sweep": [((1 << 25) + 3,)],  # > 2048 blocks x one chunk
-    "2000-tiny": [(3,)] * 2000,
     "more-than-inline-table": [(17,)] * 1030,
     "several-2d": [(31, 33), (1, 7), (4096, 65)],
 }
