@@ -341,18 +341,15 @@ def test_cpu_tensors_need_an_interpreted_triton(compiled):
         compiled.clip_grad_norm_([torch.ones(3)], 1.0, 2.0)
 
 
-def test_host_key_cost_2000_tensors():
-    """The per-call host work on a cache hit (key of 2,000 tensors + dict lookup), reported."""
+def test_table_cache_hit_for_2000_tensors():
+    """Repeated calls on the same 2,000 gradients reuse one cached table (no rebuild, no copy).
+    Its host cost is measured by bench/host_overhead.py, not here."""
     tb = _tb()
     grads = [torch.randn(3) for _ in range(2000)]
     tb._cache.clear()
     entry = tb._table(grads)
-    start = time.perf_counter()
-    for _ in range(50):
-        assert tb._table(grads) is entry
-    per_call = (time.perf_counter() - start) / 50
-    print(f"host cost of a cache hit, 2,000 tensors: {per_call * 1e6:.0f} us")
-    assert per_call < 0.05
+    assert all(tb._table(grads) is entry for _ in range(3))
+    assert tb._table(grads[:-1]) is not entry
     tb._cache.clear()
 
 

@@ -55,14 +55,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-# Dtype tags in the tensor table (bits 0-1: 0 fp32, 1 fp16, 2 bf16), and the 16-byte-aligned flag.
-TAG_ALIGNED16 = tl.constexpr(4)
-
-
-@triton.constexpr_function
-def _elem_type(tag):
-    return (tl.float32, tl.float16, tl.bfloat16)[tag]
+from gradclip.triton_kernels.tensor_table import TAG_ALIGNED16, elem_type, program_range, tensor_entry
 
 
 @triton.jit
@@ -85,30 +78,6 @@ def _accumulate(acc, x, NORM: tl.constexpr):
 
 
 @triton.jit
-def _program_range(table_ptr, num_tensors, total_chunks):
-    """This program's chunks [c_lo, c_hi) and the tensors [t_first, t_last] they lie in."""
-    pid = tl.program_id(0).to(tl.int64)
-    nprog = tl.num_programs(0).to(tl.int64)
-    c_lo = pid * total_chunks // nprog
-    c_hi = (pid + 1) * total_chunks // nprog
-    ranges = table_ptr + 4 * num_tensors + 2 * pid
-    return c_lo, c_hi, tl.load(ranges), tl.load(ranges + 1)
-
-
-@triton.jit
-def _tensor_entry(table_ptr, num_tensors, t, c_lo, c_hi, BLOCK: tl.constexpr):
-    """Address, numel, tag of tensor t, and the chunks [lo, hi) of it in [c_lo, c_hi)."""
-    addr = tl.load(table_ptr + t)
-    numel = tl.load(table_ptr + num_tensors + t)
-    tag = tl.load(table_ptr + 2 * num_tensors + t)
-    chunk0 = tl.load(table_ptr + 3 * num_tensors + t)
-    nchunks = tl.cdiv(numel, BLOCK)
-    lo = tl.maximum(c_lo - chunk0, 0)
-    hi = tl.minimum(c_hi - chunk0, nchunks)
-    return addr, numel, tag, lo, hi
-
-
-@triton.jit
 def _partial(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, NORM: tl.constexpr, BLOCK: tl.constexpr):
     """fp64 partial of chunks [c_lo, c_hi): sum x^2, sum |x| or max |x|."""
     lanes = tl.arange(0, BLOCK).to(tl.int64)
@@ -116,11 +85,11 @@ def _partial(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, NORM: tl.const
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     t = t_first
     while t <= t_last:
-        addr, numel, tag, lo, hi = _tensor_entry(table_ptr, num_tensors, t, c_lo, c_hi, BLOCK)
+        addr, numel, tag, lo, hi = tensor_entry(table_ptr, num_tensors, t, c_lo, c_hi, BLOCK)
         aligned = (tag & TAG_ALIGNED16) != 0
         for k in tl.static_range(3):
             if (tag & 3) == k:
-                ptr = addr.to(tl.pointer_type(_elem_type(k)))
+                ptr = addr.to(tl.pointer_type(elem_type(k)))
                 c = lo
                 while c < hi:
                     offs = c * BLOCK + lanes
@@ -147,11 +116,11 @@ def _rescale(
     i = t_first
     while i <= t_last:
         t = t_last - (i - t_first) if REVERSE else i
-        addr, numel, tag, lo, hi = _tensor_entry(table_ptr, num_tensors, t, c_lo, c_hi, BLOCK)
+        addr, numel, tag, lo, hi = tensor_entry(table_ptr, num_tensors, t, c_lo, c_hi, BLOCK)
         aligned = (tag & TAG_ALIGNED16) != 0
         for k in tl.static_range(3):
             if (tag & 3) == k:
-                ptr = addr.to(tl.pointer_type(_elem_type(k)))
+                ptr = addr.to(tl.pointer_type(elem_type(k)))
                 j = lo
                 while j < hi:
                     c = hi - 1 - (j - lo) if REVERSE else j
@@ -159,11 +128,11 @@ def _rescale(
                     if aligned & (c * BLOCK + BLOCK <= numel):
                         vptr = tl.multiple_of(ptr, 16) + offs
                         x = tl.load(vptr, mask=all_lanes)
-                        tl.store(vptr, (x.to(tl.float32) * coef).to(_elem_type(k)), mask=all_lanes)
+                        tl.store(vptr, (x.to(tl.float32) * coef).to(elem_type(k)), mask=all_lanes)
                     else:
                         mask = offs < numel
                         x = tl.load(ptr + offs, mask=mask, other=0.0)
-                        tl.store(ptr + offs, (x.to(tl.float32) * coef).to(_elem_type(k)), mask=mask)
+                        tl.store(ptr + offs, (x.to(tl.float32) * coef).to(elem_type(k)), mask=mask)
                     j += 1
         i += 1
 
@@ -187,7 +156,7 @@ def clip_grad_norm_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    c_lo, c_hi, t_first, t_last = _program_range(table_ptr, num_tensors, total_chunks)
+    c_lo, c_hi, t_first, t_last = program_range(table_ptr, num_tensors, total_chunks)
 
     if PHASE <= 1:
         part = _partial(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, NORM, BLOCK)

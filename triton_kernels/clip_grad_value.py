@@ -18,13 +18,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-TAG_ALIGNED16 = tl.constexpr(4)  # the 16-byte-aligned flag of a table tag (bits 0-1: the dtype)
-
-
-@triton.constexpr_function
-def _elem_type(tag):
-    return (tl.float32, tl.float16, tl.bfloat16)[tag]
+from gradclip.triton_kernels.tensor_table import TAG_ALIGNED16, elem_type, program_range, tensor_entry
 
 
 @triton.jit
@@ -44,37 +38,26 @@ def clip_grad_value_kernel(
     clip_value,  # float
     BLOCK: tl.constexpr,  # elements per chunk
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    nprog = tl.num_programs(0).to(tl.int64)
-    c_lo = pid * total_chunks // nprog
-    c_hi = (pid + 1) * total_chunks // nprog
-    ranges = table_ptr + 4 * num_tensors + 2 * pid
-    t_first = tl.load(ranges)
-    t_last = tl.load(ranges + 1)
+    c_lo, c_hi, t_first, t_last = program_range(table_ptr, num_tensors, total_chunks)
     hi_bound = tl.cast(clip_value, tl.float32)
     lo_bound = -hi_bound
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     all_lanes = lanes < BLOCK  # an all-true mask: keeps the full-chunk accesses vectorised
     t = t_first
     while t <= t_last:
-        addr = tl.load(table_ptr + t)
-        numel = tl.load(table_ptr + num_tensors + t)
-        tag = tl.load(table_ptr + 2 * num_tensors + t)
-        chunk0 = tl.load(table_ptr + 3 * num_tensors + t)
-        lo = tl.maximum(c_lo - chunk0, 0)
-        hi = tl.minimum(c_hi - chunk0, tl.cdiv(numel, BLOCK))
+        addr, numel, tag, lo, hi = tensor_entry(table_ptr, num_tensors, t, c_lo, c_hi, BLOCK)
         aligned = (tag & TAG_ALIGNED16) != 0
         for k in tl.static_range(3):
             if (tag & 3) == k:
-                ptr = addr.to(tl.pointer_type(_elem_type(k)))
+                ptr = addr.to(tl.pointer_type(elem_type(k)))
                 c = lo
                 while c < hi:
                     offs = c * BLOCK + lanes
                     if aligned & (c * BLOCK + BLOCK <= numel):
                         _clamp_chunk(
-                            tl.multiple_of(ptr, 16), offs, all_lanes, lo_bound, hi_bound, _elem_type(k)
+                            tl.multiple_of(ptr, 16), offs, all_lanes, lo_bound, hi_bound, elem_type(k)
                         )
                     else:
-                        _clamp_chunk(ptr, offs, offs < numel, lo_bound, hi_bound, _elem_type(k))
+                        _clamp_chunk(ptr, offs, offs < numel, lo_bound, hi_bound, elem_type(k))
                     c += 1
         t += 1
