@@ -8,6 +8,7 @@
 // tensor table (inline kernel parameter, or a device table cached by content), one launch, check
 // the launch error. No host sync and no host allocation on the hot path: the inline table and the
 // host vectors are thread-local and reused, scratch is cached per (device, stream).
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -83,7 +84,22 @@ struct TableEntry {
   std::vector<uint8_t> dtypes;
   at::Tensor buffer;  // refs then dtype tags, on the device
   bool captured = false;  // referenced by a captured graph: never evicted
+  // Eager streams other than the allocating one that have read `buffer`. Each is recorded with
+  // the caching allocator once (recordStream), so an eviction while a kernel on such a stream
+  // may still read the table does not hand the memory to a new allocation on the allocating
+  // stream before that kernel finishes (use-after-free otherwise).
+  std::vector<cudaStream_t> streams_recorded;
 };
+
+void record_use(TableEntry& e, const at::Device& device, cudaStream_t stream, bool capturing) {
+  if (capturing) return;  // captured entries are never evicted
+  for (cudaStream_t s : e.streams_recorded) {
+    if (s == stream) return;
+  }
+  e.streams_recorded.push_back(stream);
+  c10::cuda::CUDACachingAllocator::recordStream(e.buffer.storage().data_ptr(),
+                                                c10::cuda::getStreamFromExternal(stream, device.index()));
+}
 constexpr size_t kMaxTableEntries = 256;
 std::mutex table_mutex;
 std::map<int, std::vector<std::unique_ptr<TableEntry>>> table_cache;
@@ -98,6 +114,7 @@ DeviceTable device_table_for(const at::Device& device, cudaStream_t stream, bool
         std::memcmp(e->refs.data(), refs.data(), n * sizeof(TensorRef)) == 0 &&
         std::memcmp(e->dtypes.data(), dtypes.data(), n) == 0) {
       e->captured = e->captured || capturing;
+      record_use(*e, device, stream, capturing);
       auto* base = static_cast<uint8_t*>(e->buffer.data_ptr());
       return DeviceTable{n, 0, total_chunks, reinterpret_cast<const TensorRef*>(base),
                          base + n * sizeof(TensorRef)};
@@ -125,6 +142,7 @@ DeviceTable device_table_for(const at::Device& device, cudaStream_t stream, bool
   // Cold path only (first call with this list): copy and wait, so any stream may use it next.
   C10_CUDA_CHECK(cudaMemcpyAsync(entry->buffer.data_ptr(), staging.data(), bytes, cudaMemcpyHostToDevice, stream));
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  entry->streams_recorded.push_back(stream);  // the allocating stream: nothing to record
   auto* base = static_cast<uint8_t*>(entry->buffer.data_ptr());
   entries.push_back(std::move(entry));
   return DeviceTable{n, 0, total_chunks, reinterpret_cast<const TensorRef*>(base), base + n * sizeof(TensorRef)};
@@ -156,15 +174,19 @@ ThreadBuffers& thread_buffers() {
   return buffers;
 }
 
-Prepared prepare(at::TensorList grads, bool mutates) {
+// Validates every gradient, then makes their device current through `guard` (the caller's, so it
+// outlives the launch). The guard is set only after gradient 0 is known to be a defined CUDA
+// tensor: constructing a CUDAGuard from grads[0].device() up front threw an unhelpful c10 error
+// ("Expected a CUDA device type") for a CPU or undefined first gradient.
+Prepared prepare(at::TensorList grads, bool mutates, c10::cuda::OptionalCUDAGuard& guard) {
   Prepared prep;
-  prep.device = grads[0].device();
   ThreadBuffers& buf = thread_buffers();
   buf.host.clear();
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     GRADCLIP_CHECK_GRAD(g.defined(), i, "is undefined");
     GRADCLIP_CHECK_GRAD(g.is_cuda(), i, "is on ", g.device(), ", not a CUDA device");
+    if (i == 0) prep.device = g.device();
     GRADCLIP_CHECK_GRAD(g.device() == prep.device, i, "is on ", g.device(), " but gradient 0 is on ", prep.device,
                         "; one call takes the gradients of one device");
     GRADCLIP_CHECK_GRAD(g.layout() == at::kStrided, i, "is not a strided (dense) tensor");
@@ -184,6 +206,7 @@ Prepared prepare(at::TensorList grads, bool mutates) {
   }
   const int count = static_cast<int>(buf.host.size());
   const int nonempty = count_nonempty(buf.host.data(), count);
+  guard.set_device(prep.device);
   prep.stream = c10::cuda::getCurrentCUDAStream(prep.device.index()).stream();
   prep.capturing = stream_is_capturing(prep.stream);
   if (fits_inline(nonempty)) {
@@ -207,8 +230,8 @@ void finish_read_only(Prepared& prep) { prep.write_back.clear(); }
 at::Tensor norm_launch(at::TensorList grads, double norm_type, bool clip, double max_norm) {
   const NormType p = norm_tag(norm_type);
   if (grads.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kFloat));
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  Prepared prep = prepare(grads, clip);
+  c10::cuda::OptionalCUDAGuard guard;
+  Prepared prep = prepare(grads, clip, guard);
   at::Tensor norm = at::empty({}, at::TensorOptions().dtype(at::kFloat).device(prep.device));
   at::Tensor partials = partials_for(prep.device, prep.stream, prep.capturing);
   GRADCLIP_CHECK_LAUNCH(launch_norm_clip(prep.table, p, clip, static_cast<float>(max_norm),
@@ -231,23 +254,24 @@ at::Tensor cuda_clip_grad_norm_(at::TensorList grads, double max_norm, double no
 
 void cuda_clip_grads_with_norm_(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
   if (grads.empty()) return;
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  c10::cuda::OptionalCUDAGuard guard;
   TORCH_CHECK(total_norm.numel() == 1, "gradclip cuda backend: total_norm must hold one value, got ",
               total_norm.numel());
   TORCH_CHECK(total_norm.scalar_type() == at::kFloat || total_norm.scalar_type() == at::kDouble,
               "gradclip cuda backend: total_norm must be float32 or float64, got ", total_norm.scalar_type());
-  Prepared prep = prepare(grads, true);
+  Prepared prep = prepare(grads, true, guard);
   // A norm on another device (or the host) is moved with a stream-ordered copy, never a sync.
   const at::Tensor norm = total_norm.to(prep.device, /*non_blocking=*/true).contiguous();
-  GRADCLIP_CHECK_LAUNCH(launch_scale_by_norm(prep.table, static_cast<float>(max_norm), norm.data_ptr(),
+  // max_norm stays a double: the fp64-norm coefficient uses it unrounded, as torch does.
+  GRADCLIP_CHECK_LAUNCH(launch_scale_by_norm(prep.table, max_norm, norm.data_ptr(),
                                              norm.scalar_type() == at::kDouble, prep.device.index(), prep.stream));
   prep.finish();
 }
 
 void cuda_clip_grad_value_(at::TensorList grads, double clip_value) {
   if (grads.empty()) return;
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  Prepared prep = prepare(grads, true);
+  c10::cuda::OptionalCUDAGuard guard;
+  Prepared prep = prepare(grads, true, guard);
   GRADCLIP_CHECK_LAUNCH(
       launch_clip_value(prep.table, static_cast<float>(clip_value), prep.device.index(), prep.stream));
   prep.finish();
@@ -281,6 +305,10 @@ TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The InlineTable layout must be the same in the kernels (nvcc) and here (host compiler).
+  TORCH_CHECK(gradclip::kernel_inline_capacity() == gradclip::kInlineCapacity,
+              "gradclip._C: kernels were compiled with an inline table of ", gradclip::kernel_inline_capacity(),
+              " tensors but the binding with ", gradclip::kInlineCapacity, " (nvcc older than 12.1?)");
   m.doc() = "gradclip CUDA kernels; importing registers the gradclip::cuda_* ops for the CUDA key";
   m.attr("INLINE_CAPACITY") = gradclip::kInlineCapacity;
   m.attr("CHUNK_ELEMS") = gradclip::kChunkElems;

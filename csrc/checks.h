@@ -42,10 +42,13 @@
 #define GRADCLIP_CHECK_GRAD(cond, index, ...) \
   TORCH_CHECK((cond), "gradclip cuda backend: gradient ", (index), " ", __VA_ARGS__)
 
-// Every launcher's cudaError_t goes through this right after the launch.
+// Every launcher's cudaError_t goes through this right after the launch. A failed launch also
+// leaves its (non-sticky) error in the runtime's last-error slot; it is cleared before raising,
+// or the next torch kernel's C10_CUDA_KERNEL_LAUNCH_CHECK would report our failure as its own.
 #define GRADCLIP_CHECK_LAUNCH(expr)                                                                \
   do {                                                                                             \
     const cudaError_t gradclip_err_ = (expr);                                                      \
+    if (gradclip_err_ != cudaSuccess) (void)cudaGetLastError();                                    \
     TORCH_CHECK(gradclip_err_ == cudaSuccess, "gradclip cuda backend: ", #expr, " failed: ",      \
                 cudaGetErrorString(gradclip_err_));                                                \
   } while (0)

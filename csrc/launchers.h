@@ -27,7 +27,9 @@ cudaError_t launch_norm_clip(const TableArg& table, NormType norm_type, bool cli
 
 // In-place rescale by min(max_norm / (total_norm + 1e-6), 1) read from a device scalar (fp32, or
 // fp64 when `norm_is_double`): no host sync. Writes nothing when the coefficient is >= 1.
-cudaError_t launch_scale_by_norm(const TableArg& table, float max_norm, const void* total_norm, bool norm_is_double,
+// `max_norm` is the op's double: the fp64 path uses it unrounded (torch multiplies the fp64
+// reciprocal by the Python float), the fp32 path rounds it to fp32 (torch's fp32 opmath scalar).
+cudaError_t launch_scale_by_norm(const TableArg& table, double max_norm, const void* total_norm, bool norm_is_double,
                                  int device, cudaStream_t stream);
 
 // In-place clamp of every element to [-clip_value, clip_value], NaN kept, in one launch.
@@ -35,5 +37,10 @@ cudaError_t launch_clip_value(const TableArg& table, float clip_value, int devic
 
 // Multiprocessor count of `device`, cached.
 int device_sm_count(int device);
+
+// kInlineCapacity as nvcc saw it when compiling the kernels. tensor_list.h picks the capacity from
+// __CUDACC_VER_*, which the host compiler of bindings.cpp does not define: the binding checks at
+// import that both sides agree on the InlineTable layout (nvcc < 12.1 would silently disagree).
+int kernel_inline_capacity();
 
 }  // namespace gradclip

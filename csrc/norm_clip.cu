@@ -103,8 +103,11 @@ __device__ __forceinline__ float clip_coefficient(float max_norm, float norm) {
   const float coef = __fmul_rn(__frcp_rn(__fadd_rn(norm, 1e-6f)), max_norm);
   return (coef < 1.0f || coef != coef) ? coef : 1.0f;
 }
-__device__ __forceinline__ float clip_coefficient(float max_norm, double norm) {
-  const double coef = __dmul_rn(__drcp_rn(__dadd_rn(norm, 1e-6)), static_cast<double>(max_norm));
+// fp64 total_norm (clip_grads_with_norm_): torch computes the coefficient in fp64 with the Python
+// float max_norm unrounded, so max_norm arrives here as a double (rounding it to fp32 first would
+// change the fp64 coefficient, and sometimes its fp32 rounding).
+__device__ __forceinline__ float clip_coefficient(double max_norm, double norm) {
+  const double coef = __dmul_rn(__drcp_rn(__dadd_rn(norm, 1e-6)), max_norm);
   return static_cast<float>((coef < 1.0 || coef != coef) ? coef : 1.0);
 }
 
@@ -167,9 +170,10 @@ __global__ void __launch_bounds__(kThreads, kClip ? kBlocksPerSmRescale : kBlock
   rescale_chunks(table, coef);
 }
 
+// max_norm has the norm's type: fp32 for an fp32 total_norm, fp64 for an fp64 one (see clip_coefficient).
 template <class Table, class NormT>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSmRescale)
-    scale_by_norm_kernel(const __grid_constant__ Table table, float max_norm, const NormT* __restrict__ total_norm) {
+    scale_by_norm_kernel(const __grid_constant__ Table table, NormT max_norm, const NormT* __restrict__ total_norm) {
   const float coef = clip_coefficient(max_norm, *total_norm);
   if (coef >= 1.0f) return;
   rescale_chunks(table, coef);
@@ -225,7 +229,7 @@ cudaError_t launch_norm_clip_table(const Table& table, NormType norm_type, bool 
 }
 
 template <class Table, class NormT>
-cudaError_t launch_scale_typed(const Table& table, float max_norm, const NormT* total_norm, int device,
+cudaError_t launch_scale_typed(const Table& table, NormT max_norm, const NormT* total_norm, int device,
                                cudaStream_t stream) {
   static std::atomic<int> occupancy_cache[kMaxDevices];
   auto kernel = scale_by_norm_kernel<Table, NormT>;
@@ -237,14 +241,17 @@ cudaError_t launch_scale_typed(const Table& table, float max_norm, const NormT* 
 }
 
 template <class Table>
-cudaError_t launch_scale_table(const Table& table, float max_norm, const void* total_norm, bool norm_is_double,
+cudaError_t launch_scale_table(const Table& table, double max_norm, const void* total_norm, bool norm_is_double,
                                int device, cudaStream_t stream) {
   return norm_is_double
              ? launch_scale_typed(table, max_norm, static_cast<const double*>(total_norm), device, stream)
-             : launch_scale_typed(table, max_norm, static_cast<const float*>(total_norm), device, stream);
+             : launch_scale_typed(table, static_cast<float>(max_norm), static_cast<const float*>(total_norm), device,
+                                  stream);
 }
 
 }  // namespace
+
+int kernel_inline_capacity() { return kInlineCapacity; }
 
 int device_sm_count(int device) {
   static std::atomic<int> cache[kMaxDevices];
@@ -265,7 +272,7 @@ cudaError_t launch_norm_clip(const TableArg& table, NormType norm_type, bool cli
   return launch_norm_clip_table(table.device_table, norm_type, clip, max_norm, partials, out_norm, device, stream);
 }
 
-cudaError_t launch_scale_by_norm(const TableArg& table, float max_norm, const void* total_norm, bool norm_is_double,
+cudaError_t launch_scale_by_norm(const TableArg& table, double max_norm, const void* total_norm, bool norm_is_double,
                                  int device, cudaStream_t stream) {
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
   if (table.total_chunks() == 0) return cudaSuccess;

@@ -213,6 +213,28 @@ def test_scale_by_device_scalar(norm_dtype):
 
 
 @pytest.mark.requires_cuda_extension
+def test_fp64_norm_uses_unrounded_max_norm():
+    """fp64 total_norm: torch forms the coefficient in fp64 with max_norm as a double. For this
+    norm, rounding max_norm=0.1 to fp32 first moves the fp32 coefficient by one ulp (found on the
+    CPU with IEEE double arithmetic), so fp32 gradients would differ from the reference bitwise."""
+    grads = make_grads([(CHUNK + 3,), (10,)], torch.float32, seed=4)
+    expected = [g.clone() for g in grads]
+    total = torch.tensor(64.05920704482398, dtype=torch.float64, device="cuda")
+    ref_op("clip_grads_with_norm_")(expected, 0.1, total)
+    cuda_op("clip_grads_with_norm_")(grads, 0.1, total)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.equal(bits(g), bits(e))
+
+
+@pytest.mark.requires_cuda_extension
+def test_rejects_cpu_first_gradient_before_touching_anything():
+    grads = [torch.ones(3), torch.full((3,), 5.0, device="cuda")]
+    with pytest.raises(RuntimeError, match="gradient 0 .*not a CUDA device"):
+        cuda_op("clip_grad_value_")(grads, 1.0)
+    assert torch.equal(grads[1].cpu(), torch.full((3,), 5.0))
+
+
+@pytest.mark.requires_cuda_extension
 def test_comparison_can_fail():
     """A deliberately wrong result must be caught by the same comparison."""
     grads = make_grads([(1000,)], torch.float32)
