@@ -9,7 +9,8 @@ Guarantees, per op call on the gradients of one device (fp32/fp16/bf16, mixed; p
 - GPU: one kernel launch (`clip_grad_norm_`, `total_norm`, `clip_grads_with_norm_`,
   `clip_grad_value_`), no host synchronisation, and, once the tensor table of this exact set of
   gradients is cached, no host-to-device copy and no allocation except the returned 0-dim norm:
-  safe to capture in a CUDA graph after one warm-up call.
+  safe to capture in a CUDA graph after one warm-up call (a call that misses the cache while
+  capturing runs the reference instead: building a table is not capturable).
 - The norm is a 0-dim fp32 tensor on the gradients' device, accumulated in fp64 (see
   triton_kernels/clip_grad_norm.py), bitwise reproducible, within the tolerance of the fp64
   reference; NaN/inf propagate as in torch. When the clip coefficient clamps to 1 no gradient is
@@ -39,6 +40,7 @@ import collections
 import functools
 import importlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,7 @@ from gradclip import reference
 BLOCK = 4096
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 2
+_MAX_REGS = 65536 // (PROGRAMS_PER_SM * NUM_WARPS * 32)  # registers/thread that keep them co-resident
 # The interpreter runs programs one after another: a small grid keeps the tests fast.
 INTERPRETER_PROGRAMS = 4
 # Rescale walks each program's chunks last-first (the chunks read last are likeliest still in L2).
@@ -139,6 +142,9 @@ class _Table:
 
 
 _cache: collections.OrderedDict = collections.OrderedDict()
+# Guards _cache: an OrderedDict mutated (move_to_end, insert, evict) in one thread while another
+# iterates it in the eviction loop raises "mutated during iteration". (Review fix.)
+_cache_lock = threading.Lock()
 _sm_count: dict[int, int] = {}
 
 
@@ -217,20 +223,30 @@ def _table(grads: list[Tensor]) -> _Table | None:
         tuple(map(Tensor.numel, grads)),
         tuple(g.dtype for g in grads),
     )
-    entry = _cache.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    with _cache_lock:
+        entry = _cache.get(key)
+        if entry is not None:
+            _cache.move_to_end(key)  # LRU, not FIFO: a hot entry must not be evicted (review fix)
     if entry is None:
         if device.type not in ("cuda", "cpu") or sum(key[2]) == 0:
             return None
         if any(g.device != device or g.dtype not in _DTYPE_TAG for g in grads):
             return None
+        if capturing:
+            # Review fix: a miss during CUDA-graph capture would pin host memory (cudaHostAlloc, an
+            # event query: not permitted while capturing) and copy host-to-device inside the graph.
+            # Run the (capturable) reference instead; warm up once before capturing to get the kernel.
+            return None
         entry = _build(grads, device)
-        while len(_cache) >= CACHE_SIZE:
-            victim = next((k for k, e in _cache.items() if not e.captured), None)
-            if victim is None:
-                break
-            del _cache[victim]
-        _cache[key] = entry
-    if not entry.captured and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        with _cache_lock:
+            while len(_cache) >= CACHE_SIZE:
+                victim = next((k for k, e in _cache.items() if not e.captured), None)
+                if victim is None:
+                    break
+                del _cache[victim]
+            entry = _cache.setdefault(key, entry)  # another thread may have built it meanwhile
+    if capturing and not entry.captured:
         entry.captured = True  # a graph holds its addresses now: never free it
     return entry
 
@@ -270,7 +286,11 @@ def _launch_norm(
         return
     with torch.cuda.device(norm.device):
         if phase == 0:
-            kernel[grid](*args, PHASE=0, launch_cooperative_grid=True, **meta)
+            # Review fix: cap registers so PROGRAMS_PER_SM programs always fit one SM (64K registers):
+            # above 128/thread only one 256-thread program fits, and the cooperative launch of
+            # 2 * SMs programs fails (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE). Compiled for sm_90 the
+            # variants use 80-120 (NORM=0, SCALE=False: 120), too close to rely on.
+            kernel[grid](*args, PHASE=0, launch_cooperative_grid=True, maxnreg=_MAX_REGS, **meta)
         else:
             kernel[grid](*args, PHASE=phase, **meta)
 

@@ -42,7 +42,12 @@ interpreter cannot take a tensor as a `range` bound under numpy 2).
 
 The grid barrier (PHASE=0) is a flip-bit counter in `sync_ptr`, never reset: program 0 adds
 `arrive_first` = 2^31 - (P - 1) (mod 2^32) and the others add 1, so each launch adds exactly 2^31
-and flips bit 31 once, whatever the counter held before: safe under CUDA-graph replay. Arrival
+and flips bit 31 once. Correct only while the low 31 bits are 0 when a launch starts (review
+note: NOT for any prior value; from 0x7FFFFFFF the first +1 flips bit 31 before program 0 has
+arrived): the counter starts at 0 and each complete launch adds 2^31, so this holds, under
+CUDA-graph replay too, and int32 wraparound is harmless (only bit 31 is compared). Before the
+last arrival the low bits are at most 2^31 - 1, so bit 31 flips exactly at the last arrival. Two
+launches on one counter at once (the same gradients on two streams) would break it. Arrival
 is an acq_rel atomic (releases this program's partial); waiting spins on acquire reads until bit
 31 differs from the value seen at arrival; partials are then read with .cg (L2, not L1). The
 grid must be co-resident: the backend launches it cooperatively (launch_cooperative_grid=True)

@@ -1,9 +1,10 @@
 """In-place clamp of every gradient of one device to [-clip_value, clip_value]: one launch.
 
-Math: x <- min(max(x, -v), v) per element, compared in fp32 (v cast to fp32 in-kernel) and the
-bound rounded once to the gradient dtype, as torch.clamp_min_/clamp_max_ do. NaN stays NaN (both
-comparisons are false). Only elements that change are stored (the store mask is "out of range"),
-so in-range gradients keep their exact bits.
+Math: x <- min(max(x, -v), v) per element (so all v for v < 0, all NaN for a NaN v, as torch),
+compared in fp32 (v cast to fp32 in-kernel) and the bound rounded once to the gradient dtype, as
+torch.clamp_min_/clamp_max_ do. A NaN gradient element stays NaN (both comparisons are false).
+Only elements that change are stored (the store mask is "out of range"), so in-range gradients
+keep their exact bits.
 
 Bytes moved (N elements of e bytes, T tensors, P programs): reads N*e once plus the table
 (40 B per tensor walked + 16 B per program); writes e bytes per clamped element only. Floor: N*e
@@ -23,10 +24,15 @@ from gradclip.triton_kernels.tensor_table import TAG_ALIGNED16, elem_type, progr
 
 @triton.jit
 def _clamp_chunk(ptr, offs, mask, lo, hi, ELEM: tl.constexpr):
+    # Exactly clamp_min(lo) then clamp_max(hi), as the reference: min(max(x, lo), hi). (Review fix:
+    # `where(x < lo, lo, hi)` gave lo, not hi, for a negative clip_value, where torch gives hi
+    # everywhere.) A NaN bound makes every element NaN, as torch's clamp with a NaN bound does.
     x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    below = x < lo
-    above = x > hi
-    y = tl.where(below, lo, hi)
+    lo = tl.broadcast_to(lo, x.shape)  # (the interpreter cannot OR a scalar with a block)
+    below = (x < lo) | (lo != lo)
+    t = tl.where(below, lo, x)
+    above = t > hi
+    y = tl.where(above, hi, t)
     tl.store(ptr + offs, y.to(ELEM), mask=mask & (below | above))
 
 
@@ -40,7 +46,7 @@ def clip_grad_value_kernel(
 ):
     c_lo, c_hi, t_first, t_last = program_range(table_ptr, num_tensors, total_chunks)
     hi_bound = tl.cast(clip_value, tl.float32)
-    lo_bound = -hi_bound
+    lo_bound = hi_bound * -1.0  # not -hi_bound: triton negates as 0 - x, giving +0.0 for v = 0 (torch: -0.0)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     all_lanes = lanes < BLOCK  # an all-true mask: keeps the full-chunk accesses vectorised
     t = t_first
