@@ -118,13 +118,30 @@ def _plan(grads: list[Tensor], norm_type: float | None, backend: str) -> list[Gr
             backends.choose(requested, device, dtype, norm_type) for dtype in set(_each("dtype", grads))
         }
         if len(chosen) == 1:
-            return [Group(chosen.pop(), grads)]
+            return _no_repeated_kernel_writes([Group(chosen.pop(), grads)], requested)
     by_device: dict[torch.device, dict[str, list[Tensor]]] = {}
     for g in grads:
         per_backend = by_device.setdefault(g.device, {})
         chosen = backends.choose(requested, g.device, g.dtype, norm_type)
         per_backend.setdefault(chosen, []).append(g)
-    return [Group(b, gs) for per_backend in by_device.values() for b, gs in per_backend.items()]
+    plan = [Group(b, gs) for per_backend in by_device.values() for b, gs in per_backend.items()]
+    return _no_repeated_kernel_writes(plan, requested)
+
+
+def _no_repeated_kernel_writes(plan: list[Group], requested: str) -> list[Group]:
+    """A gradient listed twice is rescaled twice by torch (and the reference), but the kernels
+    would rescale it from two programs at once. Such a group goes to the reference under "auto";
+    an explicitly requested kernel backend raises. (Distinct views of overlapping memory are not
+    detected: each gradient must own its elements, as parameters' gradients do.)"""
+    for i, group in enumerate(plan):
+        if group.backend != "reference" and len(set(map(id, group.grads))) != len(group.grads):
+            if requested != "auto":
+                raise ValueError(
+                    f"a gradient is listed twice; backend={requested!r} writes each gradient once "
+                    "(torch would rescale it twice); pass each parameter once or use backend='reference'"
+                )
+            plan[i] = Group("reference", group.grads)
+    return plan
 
 
 def _total_norm(plan: list[Group], norm_type: float, device: torch.device) -> Tensor:
