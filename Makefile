@@ -29,8 +29,8 @@ gpu-check:
 lint:
 	ruff check gradclip triton_kernels tests bench setup.py
 	ruff format --check gradclip triton_kernels tests bench setup.py
-	@command -v clang-format >/dev/null && clang-format --dry-run --Werror csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp || echo "clang-format not installed; C++ format not checked"
+	@command -v clang-format >/dev/null && clang-format --dry-run --Werror csrc/*.h csrc/*.cpp csrc/cuda/* csrc/cpu/* || echo "clang-format not installed; C++ format not checked"
 
 format:
 	ruff format gradclip triton_kernels tests bench setup.py
-	@command -v clang-format >/dev/null && clang-format -i csrc/*.cu csrc/*.cuh csrc/*.h csrc/*.cpp || true
+	@command -v clang-format >/dev/null && clang-format -i csrc/*.h csrc/*.cpp csrc/cuda/* csrc/cpu/* || true

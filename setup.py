@@ -1,13 +1,20 @@
-"""Build gradclip: the Python package, and the CUDA extension `gradclip._C` when it can be built.
+"""Build gradclip: the Python package and, where a C++ compiler is found, the native core `gradclip._C`.
 
-Never needs a visible GPU to decide. The extension is built when torch has CUDA support and nvcc
-is found, unless GRADCLIP_SKIP_CUDA_BUILD=1. Arch list: TORCH_CUDA_ARCH_LIST, default "8.0;9.0".
+Never needs a visible GPU to decide:
+- torch CPU-only (or GRADCLIP_SKIP_CUDA_BUILD=1): `gradclip._C` with the host fast path and the
+  CPU kernels (csrc/*.cpp, csrc/cpu/).
+- torch with CUDA and nvcc found: the same plus the CUDA kernels (csrc/cuda/), for
+  TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+- GRADCLIP_SKIP_NATIVE_BUILD=1: no native code at all (pure Python; the reference serves).
+A native build that fails does not fail the install (gradclip falls back to the reference, and
+`python -m gradclip info` says why) unless GRADCLIP_REQUIRE_NATIVE=1, which CI sets.
 Install with `pip install --no-build-isolation -e .` so the build sees the torch already installed.
 """
 
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -15,47 +22,93 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
-def cuda_extension_plan():
-    """([extension], cmdclass, summary) for the CUDA build, or ([], {}, why it is skipped)."""
-    if os.environ.get("GRADCLIP_SKIP_CUDA_BUILD", "0") == "1":
-        return [], {}, "skipped (GRADCLIP_SKIP_CUDA_BUILD=1)"
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
+def _sources(*patterns: str) -> list[str]:
+    return [path for pattern in patterns for path in sorted(glob.glob(pattern))]
+
+
+def native_extension_plan():
+    """([extension], cmdclass, summary) for the native build, or ([], {}, why it is skipped)."""
+    if _flag("GRADCLIP_SKIP_NATIVE_BUILD"):
+        return [], {}, "skipped (GRADCLIP_SKIP_NATIVE_BUILD=1)"
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:
         return [], {}, f"skipped (torch not importable: {exc})"
-    if torch.version.cuda is None:
-        return [], {}, f"skipped (torch {torch.__version__} is a CPU-only build)"
-    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
-        return [], {}, "skipped (nvcc not found; set CUDA_HOME)"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
-    extension = CUDAExtension(
-        name="gradclip._C",
-        sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
-        depends=sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("csrc/*.cuh")),
-        # No -std flag: torch's BuildExtension adds the one its headers need (C++17, or C++20 for
-        # torch >= 2.10); the kernel sources compile under either.
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"],
-        },
-    )
-    summary = (
-        f"building gradclip._C for sm {os.environ['TORCH_CUDA_ARCH_LIST']} with torch "
-        f"{torch.__version__} (CUDA {torch.version.cuda}) from {len(sources)} sources"
-    )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}, summary
+
+    why_no_cuda = ""
+    if _flag("GRADCLIP_SKIP_CUDA_BUILD"):
+        why_no_cuda = "GRADCLIP_SKIP_CUDA_BUILD=1"
+    elif torch.version.cuda is None:
+        why_no_cuda = f"torch {torch.__version__} is a CPU-only build"
+    elif CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        why_no_cuda = "nvcc not found; set CUDA_HOME"
+
+    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    depends = _sources("csrc/*.h", "csrc/cpu/*.h")
+    include_dirs = [os.path.join(HERE, "csrc")]
+    cxx_flags = ["-O3"]
+    if why_no_cuda:
+        extension = CppExtension(
+            name="gradclip._C",
+            sources=sources,
+            include_dirs=include_dirs,
+            depends=depends,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+        summary = f"CPU kernels only ({why_no_cuda}), torch {torch.__version__}, {len(sources)} sources"
+    else:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+        depends += _sources("csrc/cuda/*.h", "csrc/cuda/*.cuh")
+        include_dirs.append(os.path.join(HERE, "csrc", "cuda"))
+        extension = CUDAExtension(
+            name="gradclip._C",
+            sources=sources,
+            include_dirs=include_dirs,
+            depends=depends,
+            define_macros=[("GRADCLIP_WITH_CUDA", "1")],
+            # No -std flag: torch's BuildExtension adds the one its headers need (C++17, or C++20 for
+            # torch >= 2.10); the kernel sources compile under either.
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-Xptxas=-v", "-lineinfo"],
+            },
+        )
+        summary = (
+            f"CPU and CUDA kernels for sm {os.environ['TORCH_CUDA_ARCH_LIST']}, torch {torch.__version__} "
+            f"(CUDA {torch.version.cuda}), {len(sources)} sources"
+        )
+
+    class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """A failed native build leaves a pure-Python install (unless GRADCLIP_REQUIRE_NATIVE=1)."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # compiler missing, headers missing, a compile error
+                if _flag("GRADCLIP_REQUIRE_NATIVE"):
+                    raise
+                print(
+                    f"gradclip: WARNING: the native build failed ({exc}); installing without gradclip._C "
+                    "(the reference backend serves). GRADCLIP_REQUIRE_NATIVE=1 makes this fatal.",
+                    file=sys.stderr,
+                )
+
+    return [extension], {"build_ext": OptionalBuildExtension}, f"building {summary}"
 
 
-ext_modules, cmdclass, summary = cuda_extension_plan()
-print(f"gradclip: CUDA extension {summary}")
+ext_modules, cmdclass, summary = native_extension_plan()
+print(f"gradclip: native extension gradclip._C: {summary}")
 
 setup(
     name="gradclip",
     version="0.1.0",
-    description="One-launch fused gradient clipping for PyTorch (CUDA and Triton kernels)",
+    description="One-launch fused gradient clipping for PyTorch (CUDA, Triton and CPU kernels)",
     python_requires=">=3.10",
     # triton_kernels/ is mapped under gradclip: Triton ships a top-level package of that name.
     packages=["gradclip", "gradclip.triton_kernels", "gradclip.bench"],

@@ -17,7 +17,7 @@ import time
 import torch
 
 import gradclip
-from gradclip import clip
+from gradclip import routing
 
 
 def per_call_us(fn, calls: int = 20, repeats: int = 5) -> float:
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     params = [torch.nn.Parameter(torch.zeros(args.numel)) for _ in range(args.tensors)]
     for p in params:
         p.grad = torch.randn(args.numel)
-    grads = clip._grads_of(params)
+    grads = routing.grads_of(params)
     rows = [
-        ("gather .grad", lambda: clip._grads_of(params)),
-        ("validate", lambda: clip._check_grads(grads)),
-        ("plan (backend per device/dtype)", lambda: clip._plan(grads, 2.0, "auto")),
+        ("gather .grad", lambda: routing.grads_of(params)),
+        ("validate", lambda: routing.check_grads(grads)),
+        ("plan (backend per device/dtype)", lambda: routing.plan(grads, 2.0, "auto")),
         ("gradclip.clip_grad_norm_ (reference, whole call)", lambda: gradclip.clip_grad_norm_(params, 1e30)),
         ("torch clip_grad_norm_ (whole call)", lambda: torch.nn.utils.clip_grad_norm_(params, 1e30)),
     ]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Compile-only CI check of the CUDA backend, no GPU needed:
-#   1. every kernel source csrc/*.cu with nvcc for each given arch (sm_XX), ptxas resource report
+#   1. every kernel source csrc/cuda/*.cu with nvcc for each given arch (sm_XX), ptxas resource report
 #      saved to build/check_compile/ptxas_smXX.txt and summarised (registers, spills per kernel);
 #      fails on a compile error or on any local-memory spill;
 #   2. the torch-free host logic (csrc/tensor_list.h) unit test, built with the host compiler and run;
-#   3. best effort: a syntax-only check of csrc/bindings.cpp against torch's headers when the
+#   3. best effort: a syntax-only check of csrc/cuda/cuda_ops.cpp against torch's headers when the
 #      installed torch ships its CUDA headers (a CPU-only wheel lacks the generated
 #      c10/cuda/impl/cuda_cmake_macros.h; a one-line stub stands in for it, so this checks
 #      syntax and types only, never a link).
@@ -29,10 +29,10 @@ status=0
 for arch in "${ARCHS[@]}"; do
   report="$OUT/ptxas_sm${arch}.txt"
   : >"$report"
-  for src in "$HERE"/*.cu; do
+  for src in "$HERE"/cuda/*.cu; do
     name="$(basename "$src" .cu)"
     if ! "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -Xptxas -v \
-        -gencode "arch=compute_${arch},code=sm_${arch}" -I"$HERE" -c "$src" \
+        -gencode "arch=compute_${arch},code=sm_${arch}" -I"$HERE" -I"$HERE/cuda" -c "$src" \
         -o "$OUT/${name}_sm${arch}.o" >>"$report" 2>&1; then
       cat "$report" >&2
       echo "check-cuda: FAILED compiling $name.cu for sm_${arch}" >&2
@@ -85,15 +85,15 @@ PY
     if [ -f "$d/cuda_runtime.h" ]; then cuda_inc="$d"; break; fi
   done
   # shellcheck disable=SC2086
-  if g++ -std=c++20 -fsyntax-only -Wall -I"$stub" $flags -I"$cuda_inc" -I"$HERE" -DTORCH_EXTENSION_NAME=_C \
-      -DTORCH_API_INCLUDE_EXTENSION_H "$HERE/bindings.cpp" 2>"$OUT/bindings_syntax.txt"; then
-    echo "check-cuda: bindings.cpp syntax-checked against torch's headers (not linked)"
+  if g++ -std=c++20 -fsyntax-only -Wall -I"$stub" $flags -I"$cuda_inc" -I"$HERE" -I"$HERE/cuda" -DTORCH_EXTENSION_NAME=_C \
+      -DTORCH_API_INCLUDE_EXTENSION_H -DGRADCLIP_WITH_CUDA=1 "$HERE/cuda/cuda_ops.cpp" 2>"$OUT/bindings_syntax.txt"; then
+    echo "check-cuda: cuda/cuda_ops.cpp syntax-checked against torch's headers (not linked)"
   else
     cat "$OUT/bindings_syntax.txt" >&2
-    echo "check-cuda: FAILED: bindings.cpp does not compile against torch's headers" >&2
+    echo "check-cuda: FAILED: cuda/cuda_ops.cpp does not compile against torch's headers" >&2
     status=1
   fi
 else
-  echo "check-cuda: bindings.cpp not checked (torch or g++ unavailable)"
+  echo "check-cuda: cuda/cuda_ops.cpp not checked (torch or g++ unavailable)"
 fi
 exit $status

@@ -81,7 +81,7 @@ def why_unavailable(backend: str, device_type: str) -> str:
     if backend == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, not {device_type} tensors"
-        return _cuda_runtime() or _extension.load()[1]
+        return _cuda_runtime() or _extension.why_no_cuda_kernels()
     raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
 
 
@@ -129,7 +129,7 @@ def report() -> dict[str, str]:
     status = {b: why_unavailable(b, "cuda") or "available" for b in ("cuda", "triton")}
     if not torch.cuda.is_available():
         # The extension's own status is worth showing even where no GPU could run it.
-        status["cuda"] += "; " + (_extension.load()[1] or "gradclip._C is built")
+        status["cuda"] += "; " + (_extension.why_no_cuda_kernels() or "gradclip._C holds the CUDA kernels")
         status["triton"] += "; " + (
             _triton_import() or "triton imports (CPU tensors under TRITON_INTERPRET=1)"
         )

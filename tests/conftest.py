@@ -30,7 +30,7 @@ def _has_triton() -> bool:
 def _has_cuda_extension() -> bool:
     from gradclip import _extension
 
-    return _extension.load()[0] is not None
+    return not _extension.why_no_cuda_kernels()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -416,7 +416,7 @@ def test_import_is_light():
 
 def test_a_gradient_listed_twice_is_scaled_twice_like_torch(monkeypatch):
     """The kernels write each gradient once, so "auto" sends a repeated gradient to the reference."""
-    from gradclip import backends, clip
+    from gradclip import backends, routing
 
     p = make_params([(6,)], torch.float32, scale=10.0)[0]
     theirs = clone_params([p])[0]
@@ -426,7 +426,7 @@ def test_a_gradient_listed_twice_is_scaled_twice_like_torch(monkeypatch):
     torch.testing.assert_close(p.grad, theirs.grad)
     # Pretend a kernel backend serves CPU tensors, to exercise the rule without a GPU.
     monkeypatch.setattr(backends, "choose", lambda requested, device, dtype, norm_type: "triton")
-    assert [g.backend for g in clip._plan([p.grad, p.grad], 2.0, "auto")] == ["reference"]
-    assert [g.backend for g in clip._plan([p.grad, theirs.grad], 2.0, "auto")] == ["triton"]
+    assert [g.backend for g in routing.plan([p.grad, p.grad], 2.0, "auto")] == ["reference"]
+    assert [g.backend for g in routing.plan([p.grad, theirs.grad], 2.0, "auto")] == ["triton"]
     with pytest.raises(ValueError, match="listed twice"):
-        clip._plan([p.grad, p.grad], 2.0, "triton")
+        routing.plan([p.grad, p.grad], 2.0, "triton")

@@ -1,0 +1,13 @@
+// What each part of gradclip._C adds to the Python module (csrc/bindings.cpp calls them).
+#pragma once
+
+#include <torch/extension.h>
+
+namespace gradclip {
+
+#if defined(GRADCLIP_WITH_CUDA)
+// CUDA backend (csrc/cuda/cuda_ops.cpp): layout check and test hooks.
+void bind_cuda(pybind11::module_& m);
+#endif
+
+}  // namespace gradclip
