@@ -52,8 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradclip import ops, reference
-from gradclip.routing import plan, raise_if_nonfinite, total_norm as plan_total_norm
+from gradclip import ops, reference, routing
 
 
 def dtensor_class() -> type | None:
@@ -183,7 +182,7 @@ def total_norm(tensors: Sequence[Tensor], norm_type: float, backend: str, proces
         if not members:
             powers.append(torch.zeros((), dtype=torch.float64, device=device))
             continue
-        norm = plan_total_norm(plan(members, norm_type, backend), norm_type, device)
+        norm = routing.total_norm(routing.plan(members, norm_type, backend), norm_type, device)
         norm = norm.to(device=device, dtype=torch.float64)
         powers.append(norm if use_max else norm.pow(norm_type))
     # One all_reduce per distinct group (first-seen order), over the entries of the slots that need it.
@@ -211,9 +210,9 @@ def clip_grad_norm_(
     """Global norm across ranks, then every local shard scaled on its device by min(max_norm / (norm + 1e-6), 1)."""
     total = total_norm(grads, norm_type, backend, process_group)
     if error_if_nonfinite:
-        raise_if_nonfinite(total, norm_type)  # every rank holds the same norm, so all raise alike
+        routing.raise_if_nonfinite(total, norm_type)  # every rank holds the same norm, so all raise alike
     shards = [t for t in local_tensors(grads) if t.numel()]
-    for group in plan(shards, None, backend):
+    for group in routing.plan(shards, None, backend):
         norm = total.to(group.grads[0].device)
         ops.op(group.backend, "clip_grads_with_norm_")(group.grads, max_norm, norm)
     return total

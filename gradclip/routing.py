@@ -114,9 +114,7 @@ def plan(grads: list[Tensor], norm_type: float | None, backend: str) -> list[Gro
     devices = set(each("device", grads))
     if len(devices) == 1:  # the common case: decide per dtype, not per tensor
         (device,) = devices
-        chosen = {
-            backends.choose(requested, device, dtype, norm_type) for dtype in set(each("dtype", grads))
-        }
+        chosen = {backends.choose(requested, device, dtype, norm_type) for dtype in set(each("dtype", grads))}
         if len(chosen) == 1:
             return _no_repeated_kernel_writes([Group(chosen.pop(), grads)], requested)
     by_device: dict[torch.device, dict[str, list[Tensor]]] = {}
