@@ -10,9 +10,12 @@ is additive over shards and ranks (and the inf-norm is a max, equally decomposab
     ||g||_inf = max over slots s of  M_s,  M_s = all_reduce_MAX over the groups of s (||local_s||_inf)
 
 A *slot* is the set of gradients that must be reduced over the same tuple of process groups:
-- a DTensor is reduced over the groups of the mesh dims on which it is Shard (`Shard`,
-  `_StridedShard`); a mesh dim on which it is Replicate adds no group, so replicated values are
-  counted once (every rank of that dim holds the same value);
+- a DTensor is reduced over the groups of the mesh dims on which it is sharded: `Shard`, and
+  `_StridedShard` (FSDP2 on top of tensor parallel: its local pieces are strided slices of the
+  tensor, but the pieces of a mesh dim still partition it, which is all a norm needs; in torch
+  2.13 it is neither a subclass of Shard nor `is_shard()`); a mesh dim on which it is Replicate
+  adds no group, so replicated values are counted once (every rank of that dim holds the same
+  value);
 - a plain tensor is local (no group);
 - `process_group`, when given, is appended to every slot: the gradients of this rank are one
   disjoint part (pipeline stage, expert shard) of a model spread over that group.
@@ -35,6 +38,15 @@ but not on the fast path: the norm of a sum is not a sum of norms, so each such 
 redistributed to Replicate on its Partial dims (one collective per tensor, as in torch); the clip
 then scales the partial local values, which is exact because the reduction is linear (sum/avg) or
 commutes with a positive scale (max/min). FSDP2 and tensor parallel gradients are never Partial.
+`_MaskPartial` (a Partial) is handled the same way.
+
+Placements gradclip does not know (a subclass of Shard or Replicate, a placement added by a future
+torch) take a slow path that is right whatever they mean: the norm of `full_tensor()` (every rank
+of the mesh holds the whole tensor, so it is counted once, with one gather per such tensor), then
+the local values are scaled like any other (exact for every placement whose full tensor is
+obtained from the local values by slicing, copying, summing, or max/min: a positive scale commutes
+with each). Where torch itself cannot materialise the full tensor, gradclip raises
+NotImplementedError naming the placement and the gradient, before any gradient is modified.
 
 Limits: the power sums are fp64, so nothing overflows for fp16/bf16/fp32 gradients with p <= 2
 (fp32max^2 ~ 1e77); fp64 gradients whose norm exceeds ~1e154 (p = 2), or very large p, can
@@ -47,6 +59,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -82,22 +95,55 @@ def _check_norm_type(norm_type: float) -> None:
         )
 
 
-def _groups_of_placements(mesh, placements) -> tuple[tuple, bool]:
-    """(process groups to SUM/MAX over, has_partial) for one DTensor layout."""
+def _known_placement_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(sharded, replicated) placement classes gradclip reduces on the fast path. Exact types only:
+    a subclass may mean something else, so it takes the full_tensor() path. Sharded: the local
+    pieces of a mesh dim partition the tensor (Shard, and _StridedShard, which in torch 2.13 is
+    neither a Shard subclass nor `is_shard()`)."""
+    from torch.distributed.tensor import placement_types  # noqa: PLC0415 (DTensors exist: imported)
+
+    def present(*names: str) -> tuple[type, ...]:
+        return tuple(getattr(placement_types, n) for n in names if hasattr(placement_types, n))
+
+    return present("Shard", "_StridedShard"), present("Replicate")
+
+
+class _Layout(NamedTuple):
+    """How a DTensor layout is reduced: over `groups`; `how` says what the norm is taken of."""
+
+    groups: tuple
+    how: str  # "local": the local shard; "partial": Partial dims reduced first; "full": full_tensor()
+    unknown: object = None  # the first placement gradclip does not know (how == "full")
+
+
+def _layout_of(mesh, placements) -> _Layout:
+    """The process groups to SUM/MAX over, and which values to take the norm of, for one layout."""
+    sharded, replicated = _known_placement_types()
     groups = []
     partial = False
     for dim, placement in enumerate(placements):
-        if placement.is_replicate():
-            continue
-        if placement.is_partial():  # reduced to Replicate before the norm (_replicate_partials)
-            partial = True
-            continue
-        if placement.is_shard():
+        if type(placement) in sharded:
             if mesh.size(dim) > 1:
                 groups.append(mesh.get_group(dim))
+        elif type(placement) in replicated:
             continue
-        raise NotImplementedError(f"gradclip does not know the DTensor placement {placement!r}")
-    return tuple(groups), partial
+        elif placement.is_partial():  # Partial, _MaskPartial: reduced to Replicate first
+            partial = True
+        else:
+            return _Layout((), "full", placement)
+    return _Layout(tuple(groups), "partial" if partial else "local")
+
+
+def _full_values(t: Tensor, index: int, placement) -> Tensor:
+    """The whole tensor on every rank, for a placement gradclip does not know (one gather)."""
+    try:
+        return t.full_tensor()
+    except Exception as exc:
+        raise NotImplementedError(
+            f"gradient {index} is a DTensor with placement {placement!r} (placements "
+            f"{tuple(t.placements)}), which gradclip does not know and torch cannot gather to a "
+            f"full tensor ({type(exc).__name__}: {exc}); gradclip cannot compute its norm"
+        ) from exc
 
 
 def _replicate_partials(t: Tensor) -> Tensor:
@@ -112,21 +158,27 @@ def _slots(tensors: Sequence[Tensor], process_group) -> tuple[dict[tuple, list[T
     """Bucket local tensors by the tuple of groups to reduce over; also return every local shard."""
     cls = dtensor_class()
     extra = () if process_group is None else (process_group,)
-    layouts: dict[tuple, tuple[tuple, bool]] = {}
+    layouts: dict[tuple, _Layout] = {}
     slots: dict[tuple, list[Tensor]] = {}
     keys: dict[tuple, tuple] = {}  # tuple of ids -> the tuple of groups it was first seen with
     shards: list[Tensor] = []
-    for t in tensors:
+    for index, t in enumerate(tensors):
         if cls is not None and isinstance(t, cls):
             spec = t._spec
-            layout = (id(spec.mesh), spec.placements)
-            found = layouts.get(layout)
-            if found is None:
-                found = layouts[layout] = _groups_of_placements(spec.mesh, spec.placements)
-            groups, partial = found
+            # the types too: a Shard subclass compares equal to Shard but takes the slow path
+            layout_key = (id(spec.mesh), spec.placements, tuple(map(type, spec.placements)))
+            layout = layouts.get(layout_key)
+            if layout is None:
+                layout = layouts[layout_key] = _layout_of(spec.mesh, spec.placements)
+            groups = layout.groups
             local = t._local_tensor
             shards.append(local)
-            norm_of = _replicate_partials(t) if partial else local
+            if layout.how == "local":
+                norm_of = local
+            elif layout.how == "partial":
+                norm_of = _replicate_partials(t)
+            else:
+                norm_of = _full_values(t, index, layout.unknown)
         else:
             groups = ()
             shards.append(t)

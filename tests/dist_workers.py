@@ -291,6 +291,136 @@ def tp_layout_worker(rank: int, world: int) -> None:
     torch.testing.assert_close(params[-1].grad._local_tensor, parts[tp].chunk(2)[dp] * coef, **GRAD_TOL)
 
 
+# ------------------------------------------------------- FSDP2 on top of tensor parallel (2-D mesh)
+def _tp_mlp() -> nn.Sequential:
+    # Linear 0 colwise, linear 2 rowwise (torchtitan's pattern), linear 4 data-parallel only.
+    return nn.Sequential(nn.Linear(13, 16), nn.ReLU(), nn.Linear(16, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def fsdp2_tp_worker(rank: int, world: int) -> None:
+    """(dp=2, tp=2): colwise then rowwise parallel linears, then fully_shard over dp, as torchtitan
+    does. FSDP2 shards the colwise weight and bias on dim 0 after TP did: `_StridedShard(0, sf=2)`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    assert world == 4
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = _tp_mlp()
+    ref = copy.deepcopy(model)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    x = torch.randn(8, 13)  # the same batch on every rank: the averaged grads equal ref's
+    placements = [p.placements for p in model.parameters()]
+    assert any(isinstance(pl, _StridedShard) for pls in placements for pl in pls), placements
+    tp_params = [p for p in model.parameters() if p.device_mesh.ndim == 2]  # torch needs one mesh
+    distinct_groups = {id(mesh.get_group(0)), id(mesh.get_group(1)), id(mesh["dp"].get_group(0))}
+    assert len(distinct_groups) == 2, "the dp submesh shares the 2-D mesh's dp group"
+
+    for norm_type in (2.0, 1.0, INF, 3.0):
+        for clipping in (True, False):
+            model.zero_grad()
+            ref.zero_grad()
+            model(x).pow(2).sum().backward()
+            ref(x).pow(2).sum().backward()
+            full = [p.grad.full_tensor().clone() for p in model.parameters()]
+            torch.testing.assert_close(full, [p.grad for p in ref.parameters()], rtol=1e-5, atol=1e-6)
+            expected = fp64_norm(full, norm_type)
+            max_norm = 0.5 * expected if clipping else 2.0 * expected
+            before = [p.grad._local_tensor.clone() for p in model.parameters()]
+
+            # torch on the same DTensor gradients (those on the 2-D mesh: torch cannot mix meshes)
+            torch_tp = plain(torch.nn.utils.get_total_norm([p.grad for p in tp_params], norm_type))
+            ours_tp = gradclip.get_total_norm([p.grad for p in tp_params], norm_type)
+            torch.testing.assert_close(ours_tp, torch_tp, rtol=1e-5, atol=0)
+            check_norm(ours_tp, fp64_norm([p.grad.full_tensor() for p in tp_params], norm_type))
+
+            with count_collectives() as counts:
+                total = gradclip.clip_grad_norm_(model.parameters(), max_norm, norm_type)
+            # one all_reduce per distinct process group (dp, tp), nothing else
+            assert counts == {"python": 2, "dispatch": 2}, counts
+            check_norm(total, expected)
+            assert_same_on_every_rank(total)
+            clipped = [p.grad.full_tensor() for p in model.parameters()]
+            torch.testing.assert_close(clipped, expected_clip(full, max_norm, expected), **GRAD_TOL)
+            if not clipping:
+                for b, p in zip(before, model.parameters(), strict=True):
+                    assert torch.equal(b, p.grad._local_tensor)
+            # the single-process torch reference on the unsharded model agrees
+            torch_total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type)
+            torch.testing.assert_close(total, torch_total, rtol=1e-5, atol=0)
+            torch.testing.assert_close(clipped, [p.grad for p in ref.parameters()], rtol=1e-5, atol=1e-6)
+
+
+def plain(norm: torch.Tensor) -> torch.Tensor:
+    """torch's get_total_norm returns a DTensor for DTensor inputs."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _dtensor_with(local: torch.Tensor, mesh, placements, shape) -> torch.Tensor:
+    """A DTensor with exactly these placements (from_local/distribute_tensor would normalise or
+    reject a placement they do not know)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    meta = TensorMeta(torch.Size(shape), torch.empty(shape).stride(), local.dtype)
+    return DTensor(local, DTensorSpec(mesh, tuple(placements), tensor_meta=meta), requires_grad=False)
+
+
+def unknown_placement_worker(rank: int, world: int) -> None:
+    """A placement gradclip does not know: the norm of full_tensor() where torch can gather it, else
+    a NotImplementedError naming the placement and the gradient, with nothing modified."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import Placement
+
+    class FutureShard(Shard):  # a subclass: gradclip must not assume it partitions like Shard
+        def __repr__(self) -> str:
+            return f"FutureShard(dim={self.dim})"
+
+    class Alien(Placement):  # nothing in torch can gather this
+        def __eq__(self, other) -> bool:
+            return isinstance(other, Alien)
+
+        def __hash__(self) -> int:
+            return 7
+
+        def __repr__(self) -> str:
+            return "Alien()"
+
+    mesh = init_device_mesh("cpu", (world,))
+    full, grads = _dtensor_grads([(mesh, [Shard(0)], (6, 3)), (mesh, [Replicate()], (4,))], seed=3)
+    gen = torch.Generator().manual_seed(4)
+    future_full = torch.randn(2 * world, 5, generator=gen)
+    future = _dtensor_with(future_full.chunk(world)[rank].clone(), mesh, [FutureShard(0)], (2 * world, 5))
+    for norm_type in (2.0, INF):
+        params = [_param(g.clone() if i else g) for i, g in enumerate(grads)] + [_param(future)]
+        expected = fp64_norm(full + [future_full], norm_type)
+        with count_collectives() as counts:
+            total = gradclip.clip_grad_norm_(params, 0.5 * expected, norm_type)
+        # one all_reduce (Shard(0)), plus the slow path's gather of the FutureShard tensor
+        assert counts == {"python": 1, "dispatch": 2}, counts
+        check_norm(total, expected)
+        want = expected_clip(full + [future_full], 0.5 * expected, expected)
+        torch.testing.assert_close(params[-1].grad._local_tensor, want[-1].chunk(world)[rank], **GRAD_TOL)
+        _, grads = _dtensor_grads([(mesh, [Shard(0)], (6, 3)), (mesh, [Replicate()], (4,))], seed=3)
+        future = _dtensor_with(future_full.chunk(world)[rank].clone(), mesh, [FutureShard(0)], (2 * world, 5))
+
+    alien = _dtensor_with(torch.ones(3), mesh, [Alien()], (3 * world,))
+    params = [_param(grads[0]), _param(alien)]
+    before = [p.grad._local_tensor.clone() for p in params]
+    raised = None
+    try:
+        gradclip.clip_grad_norm_(params, 1e-3)
+    except NotImplementedError as exc:
+        raised = str(exc)
+    assert raised is not None and "gradient 1" in raised and "Alien()" in raised, raised
+    for b, p in zip(before, params, strict=True):
+        assert torch.equal(b, p.grad._local_tensor)
+
+
 # ---------------------------------------------------------------------------- many DTensor params
 def many_params_worker(rank: int, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh

@@ -27,6 +27,16 @@ def test_tensor_parallel_2d_mesh_replicated_params_and_two_meshes():
     w.launch(w.tp_layout_worker, 4)
 
 
+def test_fsdp2_on_tensor_parallel_strided_shard():
+    """torchtitan's 2-D FSDP2 x TP: `_StridedShard` weights; same norm as torch and the unsharded
+    model, one collective per distinct group (issue 11)."""
+    w.launch(w.fsdp2_tp_worker, 4)
+
+
+def test_unknown_placement_full_tensor_or_clear_error():
+    w.launch(w.unknown_placement_worker, 2)
+
+
 def test_pipeline_process_group_pieces():
     """Disjoint pieces per rank: WORLD, two separate pipelines, and pipeline x FSDP."""
     w.launch(w.pipeline_worker, 4)
