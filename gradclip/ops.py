@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from gradclip import reference
+from gradclip import inductor_fix, reference
 
 BACKENDS = ("reference", "triton", "cuda")
 OP_NAMES = ("total_norm", "clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_")
@@ -83,6 +83,19 @@ for _op, _fn in _REFERENCE_IMPLS.items():
     _lib.impl(f"reference_{_op}", _fn, "CompositeExplicitAutograd")
 
 
+# `gradclip::copy_of(x)`: a copy of `x`, exactly `x.clone()`, that Inductor's no-op removal cannot
+# drop. Not part of any backend family: gradclip.inductor_fix puts it in place of a user's clone of
+# a value that a compiled graph writes back into its input (see there for the Inductor defect).
+_lib.define("copy_of(Tensor x) -> Tensor")
+torch.library.register_fake("gradclip::copy_of", lambda x: torch.empty_like(x), lib=_lib)
+_lib.impl("copy_of", lambda x: x.clone(), "CompositeExplicitAutograd")
+
+
 def op(backend: str, name: str):
-    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`."""
+    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`.
+
+    While Dynamo traces a call, it also installs gradclip.inductor_fix (once), so that a copy of a
+    gradient taken after clipping in the same compiled graph stays a copy."""
+    if torch.compiler.is_compiling():
+        inductor_fix.install()
     return getattr(torch.ops.gradclip, f"{backend}_{name}").default
