@@ -5,8 +5,9 @@ Every function takes the gradients of ONE device (any mix of dtypes) and never s
 the host: no `.item()`, no data-dependent Python branch.
 
 Numerics (what the kernels must reproduce):
-- Norms are accumulated in fp64 after scaling by the largest magnitude, so a finite gradient never
-  gives an infinite norm (torch overflows for fp16 grads of 60000 and fp32 grads of 1e20).
+- Norms are accumulated in fp64 after scaling by the largest magnitude (for p < 0, the smallest
+  non-zero one), so a finite gradient never gives an infinite norm (torch overflows for fp16 grads
+  of 60000 and fp32 grads of 1e20, and gives inf for fp64 grads of 2e200 with p = -2).
 - The result is fp32 for fp16/bf16/fp32 gradients and fp64 when any gradient is fp64 (complex
   gradients give their real counterpart). It is never rounded to fp16/bf16.
 - NaN anywhere gives a NaN norm; otherwise an inf gives an inf norm: exactly torch's propagation.
@@ -33,17 +34,28 @@ def norm_dtype(dtypes) -> torch.dtype:
 
 
 def scaled_vector_norm(x: Tensor, norm_type: float) -> Tensor:
-    """The p-norm of `x` in fp64, overflow-safe: max|x| * ||x / max|x|||_p for finite p > 0.
+    """The p-norm of `x` in fp64, overflow- and underflow-safe for every finite p != 0.
 
-    fp64 squares overflow only above 1e154, so scaling matters for fp64 inputs and for large p;
-    the branch-free `torch.where` keeps it free of host synchronisation.
+    p > 0: max|x| * ||x / max|x|||_p (fp64 squares overflow above 1e154: fp64 inputs, large p).
+    p < 0: min|x| * ||x / min|x|||_p over the smallest non-zero magnitude; every term
+    (|x_i| / min)^p lies in (0, 1] and the smallest is 1, so the sum is in [1, n] and the result
+    in [min * n^(1/p), min]: finite for finite x (fp64 |x|^p underflows to 0 for |x| = 2e200,
+    p = -2, and 0^(1/p) is inf). A zero element gives 0 and NaN gives NaN, exactly as
+    torch.linalg.vector_norm; infinite elements contribute nothing (all infinite: inf).
+    p = 0 (a count), inf and -inf (max/min) are exact as they are.
+    The branch-free `torch.where` keeps it free of host synchronisation.
     """
     x = x.to(torch.complex128 if x.is_complex() else torch.float64)
     if x.numel() == 0:
         return x.new_zeros((), dtype=torch.float64)
-    if math.isinf(norm_type) or norm_type <= 0:
-        # max/min/count of magnitudes cannot overflow; p <= 0 has no meaningful scaling.
+    if math.isinf(norm_type) or norm_type == 0:
         return torch.linalg.vector_norm(x, norm_type)
+    if norm_type < 0:
+        magnitude = x.abs()
+        inf = torch.full_like(magnitude, math.inf)
+        floor = torch.where(magnitude > 0, magnitude, inf).amin()  # NaN and 0 are left out
+        scale = torch.where(torch.isfinite(floor), floor, torch.ones_like(floor))
+        return scale * torch.linalg.vector_norm(magnitude / scale, norm_type)
     peak = torch.linalg.vector_norm(x, math.inf)  # NaN if any NaN, inf if any inf (and no NaN)
     usable = torch.isfinite(peak) & (peak > 0)
     scale = torch.where(usable, peak, torch.ones_like(peak))
@@ -93,6 +105,10 @@ def combine_norms(norms: Tensor, norm_type: float, out_dtype: torch.dtype) -> Te
 def total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     """Global p-norm of `grads` (one device), as a 0-dim fp32 tensor (fp64 for fp64 grads)."""
     out_dtype = norm_dtype(g.dtype for g in grads)
+    if norm_type < 0:
+        # A zero-size tensor adds nothing to sum |x|^p (its norm would be the identity, inf; torch
+        # raises). Left in with norm 0, it would make the total 0.
+        grads = [g for g in grads if g.numel() > 0] or grads[:0]
     if not grads:
         return torch.zeros((), dtype=out_dtype)
     return combine_norms(per_tensor_norms(grads, norm_type), norm_type, out_dtype)

@@ -6,6 +6,7 @@ or through fixtures.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 
@@ -84,13 +85,35 @@ GRAD_TOL = {
 
 
 def fp64_norm(grads, norm_type: float) -> float:
-    """The exact-as-possible norm: fp64 on the host via Python's math, independent of gradclip."""
+    """The exact-as-possible norm: fp64 on the host via Python's math, independent of gradclip.
+
+    p < 0 is computed in 60-digit decimal arithmetic, with no scaling (independent of gradclip's
+    min-magnitude scaling): a zero gives 0 and NaN gives NaN as in torch.linalg.vector_norm, and
+    zero-size tensors add nothing (0 when there is nothing else)."""
     values = [float(x) for g in grads for x in g.detach().double().abs().flatten().tolist()]
     if not values:
         return 0.0
+    if norm_type < 0:
+        return _decimal_negative_norm(values, norm_type)
     if math.isinf(norm_type):
         return max(values)
     peak = max(values)
     if peak == 0 or not math.isfinite(peak):
         return peak
     return peak * math.fsum((v / peak) ** norm_type for v in values) ** (1.0 / norm_type)
+
+
+def _decimal_negative_norm(values: list[float], norm_type: float) -> float:
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    if norm_type == -math.inf:
+        return min(values)
+    if any(v == 0 for v in values):
+        return 0.0  # |0|^p is inf, and inf^(1/p) is 0
+    with decimal.localcontext() as ctx:
+        ctx.prec = 60
+        p = decimal.Decimal(norm_type)
+        total = sum((decimal.Decimal(v) ** p for v in values if math.isfinite(v)), decimal.Decimal(0))
+        if total == 0:
+            return math.inf  # every element infinite
+        return float(total ** (1 / p))

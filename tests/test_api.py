@@ -430,3 +430,84 @@ def test_a_gradient_listed_twice_is_scaled_twice_like_torch(monkeypatch):
     assert [g.backend for g in routing.plan([p.grad, theirs.grad], 2.0, "auto")] == ["triton"]
     with pytest.raises(ValueError, match="listed twice"):
         routing.plan([p.grad, p.grad], 2.0, "triton")
+
+
+# --- negative norm types (issue 11): finite gradients never give an infinite norm ------------------
+
+
+@pytest.mark.parametrize("norm_type", [-2.0, -3.5, -1.0, -0.5], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize(
+    "dtype, magnitude",
+    [(torch.float64, 2e200), (torch.float64, 1e-300), (torch.float32, 3e38), (torch.float32, 1e-30)],
+    ids=["fp64-2e200", "fp64-1e-300", "fp32-3e38", "fp32-1e-30"],
+)
+def test_negative_norm_types_never_overflow(norm_type, dtype, magnitude):
+    """Ten gradients of +-magnitude (and one spread of values): finite, equal to the exact
+    host value, error_if_nonfinite does not raise, and the clip scales like torch's formula."""
+    signs = torch.tensor([(-1.0) ** i for i in range(10)], dtype=torch.float64)
+    spread = torch.logspace(0, 3, 10, dtype=torch.float64)
+    for values in (signs * magnitude, signs * spread * magnitude / 1e3):
+        params = [torch.nn.Parameter(torch.zeros(1, dtype=dtype)) for _ in range(10)]
+        for p, v in zip(params, values, strict=True):
+            p.grad = v.reshape(1).to(dtype)
+        expected_norm, expected_grads = fp64_clipped(params, 1.0, norm_type)
+        assert math.isfinite(expected_norm) and expected_norm > 0
+        norm = gradclip.clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True)
+        assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(
+            norm.double(), torch.tensor(expected_norm, dtype=torch.float64), **NORM_TOL[dtype]
+        )
+        torch.testing.assert_close(
+            [p.grad.double() for p in params], expected_grads, **GRAD_TOL[dtype], equal_nan=False
+        )
+        assert gradclip.get_total_norm(expected_grads, norm_type, error_if_nonfinite=True).isfinite()
+
+
+def test_torch_gives_inf_where_gradclip_is_finite_for_negative_p():
+    grads = [torch.full((1,), 2e200 * (-1) ** i, dtype=torch.float64) for i in range(10)]
+    for norm_type in (-2.0, -3.5):
+        assert torch.nn.utils.get_total_norm(grads, norm_type).isinf()  # the issue's report
+        assert gradclip.get_total_norm(grads, norm_type).isfinite()
+
+
+@pytest.mark.parametrize("norm_type", [-2.0, -3.5, -1.0, -math.inf], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize(
+    "values",
+    [[0.0, 1.0, 2.0], [math.inf, 1.0, 3.0], [math.inf, math.inf], [0.0, math.nan], [math.nan, 2.0], [0.0]],
+    ids=["a-zero", "an-inf", "all-inf", "zero-and-nan", "nan", "only-zero"],
+)
+def test_negative_norm_types_zeros_and_nonfinite_like_torch(norm_type, values):
+    """A zero element makes the norm 0 (|0|^p = inf), as in torch; inf adds nothing; NaN wins."""
+    for split in (False, True):  # one tensor, or one tensor per value (torch's composition)
+        grads = [torch.tensor(values, dtype=torch.float64)]
+        if split:
+            grads = [g.reshape(1) for g in grads[0]]
+        ours, theirs = (
+            gradclip.get_total_norm(grads, norm_type),
+            torch.nn.utils.get_total_norm(grads, norm_type),
+        )
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        expected = fp64_norm(grads, norm_type)
+        torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float64), equal_nan=True)
+
+
+def test_negative_norm_type_ignores_zero_size_tensors():
+    """torch raises on a zero-size tensor with p < 0 (no identity); gradclip lets it add nothing
+    instead of a norm of 0 that would make the total 0."""
+    tensors = [torch.zeros(0), torch.tensor([3.0, -4.0]), torch.zeros(2, 0)]
+    for norm_type in (-2.0, -1.0):
+        expected = gradclip.get_total_norm(tensors[1:2], norm_type)
+        torch.testing.assert_close(gradclip.get_total_norm(tensors, norm_type), expected)
+        assert expected.item() == pytest.approx(fp64_norm(tensors, norm_type), rel=1e-7)
+    assert gradclip.get_total_norm([torch.zeros(0)], -2.0).item() == 0.0
+
+
+def test_norm_type_zero_is_an_exact_count():
+    """p = 0 counts, exactly, as torch's composition does: the 0-norm of the per-tensor 0-norms,
+    i.e. the number of tensors holding a non-zero (also for a single tensor)."""
+    grads = [torch.zeros(1000), torch.zeros(7), torch.randn(333), torch.zeros(5, dtype=torch.float64)]
+    grads[0][::3] = 2e-30
+    grads[3][1] = 1e300
+    for subset, count in ((grads, 3.0), (grads[:2], 1.0), (grads[1:2], 0.0), (grads[3:], 1.0)):
+        ours, theirs = gradclip.get_total_norm(subset, 0.0), torch.nn.utils.get_total_norm(subset, 0.0)
+        assert ours.item() == theirs.item() == count
