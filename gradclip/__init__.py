@@ -9,12 +9,26 @@
 from gradclip import backends, ops  # noqa: F401 (defines the gradclip::* torch.library ops)
 from gradclip.backends import BackendUnavailableError
 from gradclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from gradclip.errors import (
+    GradclipError,
+    GradientDtypeError,
+    GradientLayoutError,
+    InvalidArgumentError,
+    NonFiniteNormError,
+    UnsupportedPlacementError,
+)
 from gradclip.patch import patch_torch, unpatch_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "GradclipError",
+    "GradientDtypeError",
+    "GradientLayoutError",
+    "InvalidArgumentError",
+    "NonFiniteNormError",
+    "UnsupportedPlacementError",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",

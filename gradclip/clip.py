@@ -45,7 +45,7 @@ def get_total_norm(
     """
     tensors = routing.as_list(tensors, "tensors")
     norm_type = routing.check_norm_type(norm_type)
-    routing.check_grads(tensors)
+    routing.check_grads(tensors, "tensors")
     if routing.across_ranks(tensors, process_group):
         from gradclip import distributed
 

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradclip import ops, reference, routing
+from gradclip import errors, ops, reference, routing
 
 
 def dtensor_class() -> type | None:
@@ -90,7 +90,7 @@ def plain_norm(norm: Tensor) -> Tensor:
 
 def _check_norm_type(norm_type: float) -> None:
     if not norm_type > 0:
-        raise ValueError(
+        raise errors.InvalidArgumentError(
             f"norm_type={norm_type} across ranks: gradclip reduces p-th powers, so it takes p > 0 or inf"
         )
 
@@ -139,7 +139,7 @@ def _full_values(t: Tensor, index: int, placement) -> Tensor:
     try:
         return t.full_tensor()
     except Exception as exc:
-        raise NotImplementedError(
+        raise errors.UnsupportedPlacementError(
             f"gradient {index} is a DTensor with placement {placement!r} (placements "
             f"{tuple(t.placements)}), which gradclip does not know and torch cannot gather to a "
             f"full tensor ({type(exc).__name__}: {exc}); gradclip cannot compute its norm"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from gradclip import backends, ops, reference
+from gradclip import backends, errors, ops, reference
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -70,29 +70,36 @@ def grads_of(parameters: TensorOrTensors) -> list[Tensor]:
     return [g for g in each("grad", as_list(parameters, "parameters")) if g is not None]
 
 
-def check_grads(grads: list[Tensor]) -> None:
+def check_grads(grads: list[Tensor], what: str = "parameters") -> None:
+    """Raise unless every gradient is dense and floating point or complex; modifies nothing.
+
+    `what` names the argument in the message: "tensors" (get_total_norm: the index is into that
+    list) or "parameters" (the index counts the parameters that have a .grad)."""
     if set(each("layout", grads)) <= {torch.strided} and set(each("dtype", grads)) <= _ALLOWED_DTYPES:
         return
     for i, g in enumerate(grads):  # something is wrong: find the first culprit and name it
+        where = f"`tensors`: tensor {i}" if what == "tensors" else f"`parameters`: gradient {i}"
         if g.layout != torch.strided:
-            raise ValueError(
-                f"gradient {i} has layout {g.layout}; gradclip takes dense (strided) gradients only"
+            raise errors.GradientLayoutError(
+                f"{where} has layout {g.layout}; gradclip takes dense (strided) gradients only"
             )
         if g.dtype not in _ALLOWED_DTYPES:
-            raise TypeError(f"gradient {i} has dtype {g.dtype}; gradients must be floating point or complex")
+            raise errors.GradientDtypeError(
+                f"{where} has dtype {g.dtype}; gradients must be floating point or complex"
+            )
 
 
 def check_norm_type(norm_type: float) -> float:
     norm_type = float(norm_type)
     if math.isnan(norm_type):
-        raise ValueError("norm_type is NaN; use a number or float('inf')")
+        raise errors.InvalidArgumentError("norm_type is NaN; use a number or float('inf')")
     return norm_type
 
 
 def check_bound(value: float, name: str) -> float:
     value = float(value)
     if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value}")
+        raise errors.InvalidArgumentError(f"{name} must be a non-negative number, got {value}")
     return value
 
 
@@ -134,7 +141,7 @@ def _no_repeated_kernel_writes(plan: list[Group], requested: str) -> list[Group]
     for i, group in enumerate(plan):
         if group.backend != "reference" and len(set(map(id, group.grads))) != len(group.grads):
             if requested != "auto":
-                raise ValueError(
+                raise errors.InvalidArgumentError(
                     f"a gradient is listed twice; backend={requested!r} writes each gradient once "
                     "(torch would rescale it twice); pass each parameter once or use backend='reference'"
                 )
@@ -153,7 +160,7 @@ def total_norm(plan: list[Group], norm_type: float, device: torch.device) -> Ten
 
 def raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
     if torch.logical_or(total.isnan(), total.isinf()):  # a host sync, as in torch
-        raise RuntimeError(
+        raise errors.NonFiniteNormError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so "
             "it cannot be clipped. To disable this error and scale the gradients by the non-finite "
             "norm anyway, set `error_if_nonfinite=False`"

@@ -511,3 +511,120 @@ def test_norm_type_zero_is_an_exact_count():
     for subset, count in ((grads, 3.0), (grads[:2], 1.0), (grads[1:2], 0.0), (grads[3:], 1.0)):
         ours, theirs = gradclip.get_total_norm(subset, 0.0), torch.nn.utils.get_total_norm(subset, 0.0)
         assert ours.item() == theirs.item() == count
+
+
+# --- error types (issue 11): each gradclip error is also what torch raises on the same input -------
+
+_FUNCTIONS = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+
+
+def _call(module, fn: str, params):
+    if fn == "clip_grad_norm_":
+        return module.clip_grad_norm_(params, 1.0)
+    if fn == "clip_grad_value_":
+        return module.clip_grad_value_(params, 0.1)
+    if fn == "clip_grads_with_norm_":
+        return module.clip_grads_with_norm_(params, 1.0, torch.tensor(100.0))
+    return module.get_total_norm([p.grad for p in params])
+
+
+def _raised(fn) -> BaseException | None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 (the test inspects it)
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("kind", ["sparse", torch.int32, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("fn", _FUNCTIONS)
+def test_bad_gradient_errors_are_torchs_exception_types(kind, fn):
+    """Run torch on the same bad input: gradclip's error is an instance of torch's exception type
+    (RuntimeError for integer grads, NotImplementedError for sparse), of its own old type, and of
+    gradclip.GradclipError; the message names the argument and the gradient."""
+    theirs = _raised(lambda: _call(torch.nn.utils, fn, _params_with_bad_grad(kind)))
+    ours = _raised(lambda: _call(gradclip, fn, _params_with_bad_grad(kind)))
+    assert isinstance(ours, gradclip.GradclipError), ours
+    if theirs is not None:  # torch scales sparse grads in clip_grads_with_norm_; gradclip refuses
+        assert isinstance(ours, type(theirs)), (type(ours).__mro__, type(theirs))
+    if kind == "sparse":
+        assert isinstance(ours, (ValueError, NotImplementedError, gradclip.GradientLayoutError))
+        assert "layout torch.sparse_coo" in str(ours)
+    else:
+        assert isinstance(ours, (TypeError, RuntimeError, gradclip.GradientDtypeError))
+        assert f"dtype {kind}" in str(ours)
+    where = "`tensors`: tensor 1" if fn == "get_total_norm" else "`parameters`: gradient 1"
+    assert where in str(ours), str(ours)
+
+
+def test_code_written_for_torch_catches_gradclip_errors_under_patch_torch():
+    """`except RuntimeError` / `except NotImplementedError` around torch's clip keeps working."""
+    caught = []
+    with gradclip.patch_torch():
+        for kind, expected in ((torch.int32, RuntimeError), ("sparse", NotImplementedError)):
+            try:
+                torch.nn.utils.clip_grad_norm_(_params_with_bad_grad(kind), 1.0)
+            except expected as exc:
+                caught.append(type(exc))
+        params = make_params([(3,)], torch.float32)
+        params[0].grad[0] = math.inf
+        try:
+            torch.nn.utils.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+        except RuntimeError as exc:
+            caught.append(type(exc))
+    assert caught == [gradclip.GradientDtypeError, gradclip.GradientLayoutError, gradclip.NonFiniteNormError]
+
+
+def test_nonfinite_error_is_torchs_type():
+    params = make_params([(3,)], torch.float32)
+    params[0].grad[1] = math.nan
+    theirs = _raised(
+        lambda: torch.nn.utils.clip_grad_norm_(clone_params(params), 1.0, error_if_nonfinite=True)
+    )
+    ours = _raised(lambda: gradclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True))
+    assert type(theirs) is RuntimeError and isinstance(ours, RuntimeError)
+    assert isinstance(ours, gradclip.NonFiniteNormError) and "non-finite" in str(ours)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m, ps: m.clip_grad_norm_(ps, math.nan), "max_norm"),
+        (lambda m, ps: m.clip_grad_norm_(ps, -1.0), "max_norm"),
+        (lambda m, ps: m.clip_grad_norm_(ps, 1.0, math.nan), "norm_type"),
+        (lambda m, ps: m.get_total_norm([p.grad for p in ps], math.nan), "norm_type"),
+        (lambda m, ps: m.clip_grads_with_norm_(ps, math.nan, torch.tensor(1.0)), "max_norm"),
+        (lambda m, ps: m.clip_grad_value_(ps, -0.5), "clip_value"),
+        (lambda m, ps: m.clip_grad_value_(ps, math.nan), "clip_value"),
+    ],
+    ids=[
+        "nan-max_norm",
+        "negative-max_norm",
+        "nan-norm_type",
+        "nan-norm_type-total",
+        "nan-max_norm-with-norm",
+        "negative-clip_value",
+        "nan-clip_value",
+    ],
+)
+def test_argument_errors_where_torch_raises_nothing(call, name):
+    """torch 2.13 accepts these silently (NaN or unclipped gradients); gradclip refuses with a
+    ValueError naming the argument, and modifies nothing. (Checked here that torch raises none:
+    if torch starts raising, gradclip's type must follow.)"""
+    assert _raised(lambda: call(torch.nn.utils, make_params([(4,)], torch.float32))) is None
+    params = make_params([(4,)], torch.float32, scale=10.0)
+    before = [g.clone() for g in grads(params)]
+    ours = _raised(lambda: call(gradclip, params))
+    assert isinstance(ours, gradclip.InvalidArgumentError) and isinstance(ours, ValueError), ours
+    assert name in str(ours)
+    for g, b in zip(grads(params), before, strict=True):
+        assert torch.equal(g, b)
+
+
+def test_uncoercible_arguments_raise_what_torch_raises():
+    """Arguments float() rejects: the same TypeError/ValueError as torch (both call float())."""
+    for args in ((None,), ("1", "fro"), (1j,)):
+        params = make_params([(4,)], torch.float32)
+        theirs = _raised(lambda a=args, ps=params: torch.nn.utils.clip_grad_norm_(clone_params(ps), *a))
+        ours = _raised(lambda a=args, ps=params: gradclip.clip_grad_norm_(ps, *a))
+        assert theirs is not None and isinstance(ours, type(theirs)), (args, ours, theirs)
