@@ -41,10 +41,13 @@ def keep_clones_of_written_back_values(graph: torch.fx.Graph) -> int:
     """Rewrite every `aten.clone(x)` whose `x` shares storage with a value copied back into a graph
     input (`input.copy_(x)`, the functionalized form of an in-place op) into `gradclip::copy_of(x)`.
 
-    Returns the number of clones rewritten (tests read it). Works on the fake-tensor storages in
+    Returns the number of clones rewritten. Works on the fake-tensor storages in
     `node.meta["val"]`, so views of the written-back value count too.
     """
-    from torch._inductor.fx_utils import get_node_storage as storage  # noqa: PLC0415
+    from torch._inductor.fx_utils import get_node_storage  # noqa: PLC0415
+
+    def storage(node) -> int | None:
+        return get_node_storage(node) if isinstance(node, torch.fx.Node) else None
 
     aten = torch.ops.aten
     written_back = set()
