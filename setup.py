@@ -34,8 +34,14 @@ _CPU_CAPABILITY_FLAGS = {
     "default": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "avx512": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
     ],
 }
 
@@ -45,7 +51,9 @@ def cpu_capability(torch) -> str:
     choice = os.environ.get("GRADCLIP_CPU_CAPABILITY", "auto") or "auto"
     if choice != "auto":
         if choice not in _CPU_CAPABILITY_FLAGS:
-            raise SystemExit(f"GRADCLIP_CPU_CAPABILITY must be auto or one of {sorted(_CPU_CAPABILITY_FLAGS)}")
+            raise SystemExit(
+                f"GRADCLIP_CPU_CAPABILITY must be auto or one of {sorted(_CPU_CAPABILITY_FLAGS)}"
+            )
         return choice
     import platform
 
@@ -82,7 +90,10 @@ def native_extension_plan():
     depends = _sources("csrc/*.h", "csrc/cpu/*.h")
     include_dirs = [os.path.join(HERE, "csrc")]
     isa = cpu_capability(torch)
-    cxx_flags = ["-O3", *_CPU_CAPABILITY_FLAGS[isa]]
+    # -fopenmp: at::parallel_for is header code (OpenMP torch builds); the soname libgomp.so.1 binds to
+    # the runtime torch already loaded, so the kernels share torch's thread pool and set_num_threads.
+    cxx_flags = ["-O3", "-fopenmp", *_CPU_CAPABILITY_FLAGS[isa]]
+    link_flags = ["-fopenmp"]
     if why_no_cuda:
         extension = CppExtension(
             name="gradclip._C",
@@ -90,8 +101,11 @@ def native_extension_plan():
             include_dirs=include_dirs,
             depends=depends,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
-        summary = f"CPU kernels only ({why_no_cuda}, {isa}), torch {torch.__version__}, {len(sources)} sources"
+        summary = (
+            f"CPU kernels only ({why_no_cuda}, {isa}), torch {torch.__version__}, {len(sources)} sources"
+        )
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
@@ -103,6 +117,7 @@ def native_extension_plan():
             include_dirs=include_dirs,
             depends=depends,
             define_macros=[("GRADCLIP_WITH_CUDA", "1")],
+            extra_link_args=link_flags,
             # No -std flag: torch's BuildExtension adds the one its headers need (C++17, or C++20 for
             # torch >= 2.10); the kernel sources compile under either.
             extra_compile_args={

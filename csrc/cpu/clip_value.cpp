@@ -43,7 +43,10 @@ struct ValueState {
 
 void cpu_clip_grad_value_(at::TensorList grads, double clip_value) {
   if (grads.empty()) return;
-  thread_local ValueState st;
+  // A reference: the lambdas below run on pool threads, where the name of a thread_local would
+  // denote that thread's own (empty) instance.
+  thread_local ValueState state;
+  ValueState& st = state;
   prepare(grads, true, st.prep);
   // Bounds per dtype, converted as torch converts a Scalar (raises when the dtype overflows).
   const c10::Scalar lo(-clip_value), hi(clip_value);
