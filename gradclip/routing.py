@@ -114,16 +114,35 @@ def plan(grads: list[Tensor], norm_type: float | None, backend: str) -> list[Gro
     devices = set(each("device", grads))
     if len(devices) == 1:  # the common case: decide per dtype, not per tensor
         (device,) = devices
-        chosen = {backends.choose(requested, device, dtype, norm_type) for dtype in set(each("dtype", grads))}
+        dtypes = set(each("dtype", grads))
+        if _fp64_norm_under_auto(dtypes, norm_type, requested):
+            return _no_repeated_kernel_writes([Group("reference", grads)], requested)
+        chosen = {backends.choose(requested, device, dtype, norm_type) for dtype in dtypes}
         if len(chosen) == 1:
             return _no_repeated_kernel_writes([Group(chosen.pop(), grads)], requested)
+    fp64_devices = set()
+    if norm_type is not None and requested == "auto":
+        dtypes_of: dict[torch.device, set[torch.dtype]] = {}
+        for g in grads:
+            dtypes_of.setdefault(g.device, set()).add(g.dtype)
+        fp64_devices = {d for d, ds in dtypes_of.items() if _fp64_norm_under_auto(ds, norm_type, requested)}
     by_device: dict[torch.device, dict[str, list[Tensor]]] = {}
     for g in grads:
         per_backend = by_device.setdefault(g.device, {})
+        if g.device in fp64_devices:
+            per_backend.setdefault("reference", []).append(g)
+            continue
         chosen = backends.choose(requested, g.device, g.dtype, norm_type)
         per_backend.setdefault(chosen, []).append(g)
     plan = [Group(b, gs) for per_backend in by_device.values() for b, gs in per_backend.items()]
     return _no_repeated_kernel_writes(plan, requested)
+
+
+def _fp64_norm_under_auto(dtypes: set[torch.dtype], norm_type: float | None, requested: str) -> bool:
+    """A norm that comes out fp64 (an fp64 gradient on the device) must be fp64-accurate: under
+    "auto" the device's whole group goes to the reference, since a kernel group's norm is rounded
+    to fp32 before the groups are combined."""
+    return norm_type is not None and requested == "auto" and reference.norm_dtype(dtypes) == torch.float64
 
 
 def _no_repeated_kernel_writes(plan: list[Group], requested: str) -> list[Group]:
