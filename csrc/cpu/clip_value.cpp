@@ -36,6 +36,31 @@ void clamp_chunk(T* p, int64_t n, T lo_t, T hi_t) {
   }
 }
 
+#if defined(GRADCLIP_CPU_BF16_PAIRS)
+// bf16 in pairs (cpu_kernels.h): the clamp's results are the element or a bound, both exact bf16,
+// so no rounding; _mm256_max_ps(lo, x) / _mm256_min_ps(hi, x) return x for NaN and for equal zeros,
+// exactly at::vec::clamp_min / clamp_max (a NaN keeps its bits here).
+template <>
+void clamp_chunk<c10::BFloat16>(c10::BFloat16* p, int64_t n, c10::BFloat16 lo_t, c10::BFloat16 hi_t) {
+  const __m256 lo_v = _mm256_set1_ps(static_cast<float>(lo_t));
+  const __m256 hi_v = _mm256_set1_ps(static_cast<float>(hi_t));
+  auto clamp = [&](__m256 x) { return _mm256_min_ps(hi_v, _mm256_max_ps(lo_v, x)); };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), bf16_join(clamp(bf16_low(w)), clamp(bf16_high(w))));
+  }
+  const float lo = static_cast<float>(lo_t);
+  const float hi = static_cast<float>(hi_t);
+  for (; i < n; ++i) {
+    c10::BFloat16 x = p[i];
+    if (static_cast<float>(x) < lo) x = lo_t;
+    if (hi < static_cast<float>(x)) x = hi_t;
+    p[i] = x;
+  }
+}
+#endif
+
 struct ValueState {
   Prepared prep;
   std::vector<int64_t> bounds;

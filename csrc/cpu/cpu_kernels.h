@@ -271,6 +271,31 @@ inline void store2(T* p, const fVec& a, const fVec& b) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define GRADCLIP_CPU_BF16_PAIRS 1
+// bf16 in pairs: a 256-bit load of 16 bf16 is 8 words w, whose two halves are exactly the fp32
+// values (w << 16) (low element) and (w & 0xFFFF0000) (high element), so a kernel can compute in
+// fp32 and put both halves back with shifts and masks, instead of at::vec's widening converts and
+// pack/permute. Element order is kept: word k still holds elements 2k and 2k + 1.
+inline __m256 bf16_low(__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
+inline __m256 bf16_high(__m256i w) {
+  return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+// fp32 -> bf16 round-to-nearest-even (NaN -> 0x7FC0, c10's choice), left in the high half.
+inline __m256i bf16_round_high(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+  return _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+// Two fp32 vectors whose values are exact bf16 (low bits zero) back into 8 words.
+inline __m256i bf16_join(__m256 low, __m256 high) {
+  return _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(high), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))),
+                         _mm256_srli_epi32(_mm256_castps_si256(low), 16));
+}
+#endif
+
 // NaN wins over everything (inf included), as torch's max reduction does.
 inline double nan_max(double a, double b) {
   if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<double>::quiet_NaN();

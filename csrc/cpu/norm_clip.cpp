@@ -208,6 +208,22 @@ void scale_chunk(T* p, int64_t n, float coef) {
   for (; i < n; ++i) p[i] = static_cast<T>(static_cast<float>(p[i]) * coef);
 }
 
+#if defined(GRADCLIP_CPU_BF16_PAIRS)
+// bf16 in pairs (cpu_kernels.h): multiply both halves in fp32, round each once (nearest even).
+template <>
+void scale_chunk<c10::BFloat16>(c10::BFloat16* p, int64_t n, float coef) {
+  const __m256 c = _mm256_set1_ps(coef);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    const __m256i hi = bf16_round_high(_mm256_mul_ps(bf16_high(w), c));
+    const __m256i lo = _mm256_srli_epi32(bf16_round_high(_mm256_mul_ps(bf16_low(w), c)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), _mm256_or_si256(hi, lo));
+  }
+  for (; i < n; ++i) p[i] = c10::BFloat16(static_cast<float>(p[i]) * coef);
+}
+#endif
+
 // torch: clamp(max_norm / (norm + 1e-6), max=1) == clamp(reciprocal(norm + 1e-6) * max_norm, max=1),
 // every operation in the norm's dtype (fp32 here), max_norm and 1e-6 rounded to it.
 float coefficient_fp32(double max_norm, float norm) {
