@@ -289,6 +289,15 @@ inline __m256i bf16_round_high(__m256 f) {
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
   return _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
 }
+// The same without the NaN blend, for a product x * c of a bf16 x: a NaN product is x's NaN
+// quieted (low 16 bits zero, as x came from a bf16) or the default NaN 0xFFC00000, and adding at
+// most 0x8000 to zero low bits never carries into bit 16, so the NaN survives the rounding as is.
+inline __m256i bf16_round_high_of_product(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+  return _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
 // Two fp32 vectors whose values are exact bf16 (low bits zero) back into 8 words.
 inline __m256i bf16_join(__m256 low, __m256 high) {
   return _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(high), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))),

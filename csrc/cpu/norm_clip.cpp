@@ -216,8 +216,8 @@ void scale_chunk<c10::BFloat16>(c10::BFloat16* p, int64_t n, float coef) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
-    const __m256i hi = bf16_round_high(_mm256_mul_ps(bf16_high(w), c));
-    const __m256i lo = _mm256_srli_epi32(bf16_round_high(_mm256_mul_ps(bf16_low(w), c)), 16);
+    const __m256i hi = bf16_round_high_of_product(_mm256_mul_ps(bf16_high(w), c));
+    const __m256i lo = _mm256_srli_epi32(bf16_round_high_of_product(_mm256_mul_ps(bf16_low(w), c)), 16);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), _mm256_or_si256(hi, lo));
   }
   for (; i < n; ++i) p[i] = c10::BFloat16(static_cast<float>(p[i]) * coef);
