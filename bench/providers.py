@@ -117,8 +117,14 @@ def apex_status() -> tuple[str, str]:
 
 def gradclip_backends(device: torch.device, requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """(backends to time, {backend: why skipped}). Default: the kernel backends available here;
-    on CPU the reference (the CPU backend; the Triton interpreter is a test tool, never timed)."""
-    wanted = requested or (["cuda", "triton"] if device.type == "cuda" else ["reference"])
+    on CPU the native "cpu" kernels, or the reference where gradclip._C is not built (the Triton
+    interpreter is a test tool, never timed)."""
+    if requested:
+        wanted = requested
+    elif device.type == "cuda":
+        wanted = ["cuda", "triton"]
+    else:
+        wanted = ["cpu"] if not backends.why_unavailable("cpu", "cpu") else ["reference"]
     chosen, skipped = [], {}
     for b in wanted:
         if device.type == "cpu" and b == "triton":

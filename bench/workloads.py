@@ -84,6 +84,9 @@ def _named() -> dict[str, list[Shape]]:
         "gpt2-124M": gpt2(),
         "resnet50": resnet50(),
         "many-small-4k": [(4096,)] * 2000,
+        # Issue 13's CPU row: GPT-2's 4 first transformer blocks and ln_f (no embeddings), 50
+        # tensors, 28,351,488 elements.
+        "gpt2-4layer": gpt2(layers=4)[2:],
         "llama-1B": llama(d=2048, layers=16, ffn=8192, vocab=128256, kv=512),
         "llama-7B": llama(d=4096, layers=32, ffn=11008, vocab=32000, kv=4096),
         # Not anchors: small sets for CPU runs and the harness's own tests.

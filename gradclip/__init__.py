@@ -18,6 +18,7 @@ from gradclip.errors import (
     UnsupportedPlacementError,
 )
 from gradclip.patch import patch_torch, unpatch_torch
+from gradclip.per_param import per_param_norms
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,6 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "patch_torch",
+    "per_param_norms",
     "unpatch_torch",
 ]

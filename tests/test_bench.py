@@ -153,7 +153,9 @@ def test_tiny_cpu_run_writes_json_and_refuses_wrong_provider(tmp_path, capsys):
             assert key in res
         rows = {r["provider"]: r for r in res["providers"]}
         assert rows["wrong"]["status"] == "refused" and "wall_us" not in rows["wrong"]
-        for name in ("torch foreach", "torch for-loop", "gradclip reference"):
+        # The default gradclip backend on CPU: "cpu" where gradclip._C is built, else "reference".
+        (default,) = prov.gradclip_backends(torch.device("cpu"), None)[0]
+        for name in ("torch foreach", "torch for-loop", f"gradclip {default}"):
             row = rows[name]
             assert row["status"] == "ok", row
             assert row["wall_us"]["median"] > 0 and row["gbps"] > 0
