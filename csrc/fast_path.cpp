@@ -24,6 +24,7 @@
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 
 #include <array>
@@ -259,9 +260,12 @@ bool gather(const Items& items, bool of_params, Gathered& out) {
       if (!take(t, out)) return false;
       continue;
     }
-    // Reading `.grad` of a non-leaf warns in torch; let the Python path do it.
-    if (!t.is_leaf()) return false;
-    const at::Tensor& g = t.grad();
+    // What t.is_leaf() and t.grad() read, in one call instead of five (a third of the time at
+    // 2,000 gradients). No autograd metadata: a leaf without a gradient.
+    auto* meta = static_cast<torch::autograd::AutogradMeta*>(t.unsafeGetTensorImpl()->autograd_meta());
+    if (meta == nullptr) continue;
+    if (meta->grad_fn_) return false;  // `.grad` of a non-leaf warns in torch: the Python path does it
+    const at::Tensor& g = meta->grad_;
     if (g.defined() && !take(g, out)) return false;
   }
   return !out.grads.empty();  // nothing to clip: the Python path returns (and warns) as it does

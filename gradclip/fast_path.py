@@ -31,7 +31,11 @@ _module: ModuleType | bool | None = None  # gradclip._C once looked up; False: n
 def _load() -> ModuleType | bool:
     global _module
     module, _ = _extension.load()
-    if os.environ.get(ENV_DISABLE, "0") == "1" or module is None or not hasattr(module, "fast_clip_grad_norm_"):
+    if (
+        os.environ.get(ENV_DISABLE, "0") == "1"
+        or module is None
+        or not hasattr(module, "fast_clip_grad_norm_")
+    ):
         _module = False
     else:
         _module = module
