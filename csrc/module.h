@@ -8,6 +8,9 @@ namespace gradclip {
 // Host fast path (csrc/fast_path.cpp): the common call of the public functions in one C++ call.
 void bind_fast_path(pybind11::module_& m);
 
+// CPU backend (csrc/cpu/norm_clip.cpp): build attributes and the bench's bandwidth floors.
+void bind_cpu(pybind11::module_& m);
+
 #if defined(GRADCLIP_WITH_CUDA)
 // CUDA backend (csrc/cuda/cuda_ops.cpp): layout check and test hooks.
 void bind_cuda(pybind11::module_& m);

@@ -10,6 +10,7 @@ from gradclip import backends, ops  # noqa: F401 (defines the gradclip::* torch.
 from gradclip.backends import BackendUnavailableError
 from gradclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from gradclip.patch import patch_torch, unpatch_torch
+from gradclip.per_param import per_param_norms
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,6 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "patch_torch",
+    "per_param_norms",
     "unpatch_torch",
 ]
