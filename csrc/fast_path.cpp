@@ -20,6 +20,7 @@
 // vector is thread-local and reused), one dict lookup and two getenv() per call, the GIL released
 // around the native (cpu, cuda) kernels as torch's own ops do.
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/Device.h>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
@@ -69,6 +70,7 @@ using ClipGradValueFn = void(at::TensorList, double);
 // Typed handles of one backend's ops, found on first use.
 struct BackendOps {
   std::array<bool, kNumOps> looked_up{};
+  std::array<bool, kNumOps> plain{};  // no kernel of its own above the backend (see below_autograd)
   std::optional<c10::TypedOperatorHandle<TotalNormFn>> total_norm;
   std::optional<c10::TypedOperatorHandle<ClipGradNormFn>> clip_grad_norm;
   std::optional<c10::TypedOperatorHandle<ClipGradsWithNormFn>> clip_grads_with_norm;
@@ -186,6 +188,7 @@ struct Gathered {
   std::vector<at::Tensor> grads;
   at::Device device{at::kCPU};
   uint8_t dtypes = 0;
+  c10::DispatchKeySet keys;  // union of the gradients' key sets
 };
 
 // Adds `g` to `out` if the fast path serves it; false otherwise.
@@ -204,6 +207,7 @@ bool take(const at::Tensor& g, Gathered& out) {
     return false;  // several devices: one group per device, in the Python routing
   }
   out.dtypes |= bit;
+  out.keys = out.keys | impl->key_set();
   out.grads.push_back(g);
   return true;
 }
@@ -361,6 +365,15 @@ bool repeats(const std::vector<at::Tensor>& grads) {
 }
 
 
+// True when `op` has no kernel of its own above the backend (so below_autograd may skip that level).
+bool plain(const c10::OperatorHandle& op) {
+  for (auto k : {c10::DispatchKey::Autograd, c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA,
+                 c10::DispatchKey::CompositeImplicitAutograd, c10::DispatchKey::ADInplaceOrView}) {
+    if (op.hasKernelForDispatchKey(k)) return false;
+  }
+  return true;
+}
+
 template <typename Sig>
 const c10::TypedOperatorHandle<Sig>* typed_handle(State& st, int backend, Op op,
                                                   std::optional<c10::TypedOperatorHandle<Sig>>& slot) {
@@ -369,7 +382,10 @@ const c10::TypedOperatorHandle<Sig>* typed_handle(State& st, int backend, Op op,
     looked_up = true;
     const std::string name = "gradclip::" + st.names[backend] + "_" + kOpNames[op];
     auto found = c10::Dispatcher::singleton().findSchema({name, ""});
-    if (found.has_value()) slot.emplace(found->typed<Sig>());
+    if (found.has_value()) {
+      slot.emplace(found->typed<Sig>());
+      st.ops[backend].plain[op] = plain(*found);
+    }
   }
   return slot.has_value() ? &*slot : nullptr;
 }
@@ -409,6 +425,7 @@ class ScratchLease {
     }
     gathered_->grads.clear();
     gathered_->dtypes = 0;
+    gathered_->keys = c10::DispatchKeySet();
   }
   ~ScratchLease() {
     gathered_->grads.clear();  // drop our references to the gradients now
@@ -444,17 +461,35 @@ py::object unserved(State& st, PyObject* parameters, const Items& items) {
   return py::make_tuple(handback);
 }
 
+// The key set to redispatch the op with, straight to its backend kernel, when the only dispatch
+// keys above the backend are autograd's: under no_grad the autograd fallback of a custom op only
+// redispatches, after boxing the whole gradient list (a quarter of the op call at 2,000 tensors).
+// nullopt (a normal call) while a profiler or observer is recording (it then sees the op), under
+// autocast, functionalization, a dispatch mode or any other key, or for an op with its own autograd
+// kernel.
+std::optional<c10::DispatchKeySet> below_autograd(const Gathered& g, bool plain_op) {
+  if (!plain_op || at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION).has_value()) return std::nullopt;
+  static const c10::DispatchKeySet skippable =
+      c10::autograd_dispatch_keyset_with_ADInplaceOrView |
+      c10::DispatchKeySet({c10::DispatchKey::BackendSelect, c10::DispatchKey::CPU, c10::DispatchKey::CUDA});
+  const c10::impl::LocalDispatchKeySet local = c10::impl::tls_local_dispatch_key_set();
+  const c10::DispatchKeySet full = (g.keys | local.included_) - local.excluded_;
+  if ((full - skippable).highestFunctionalityKey() != c10::DispatchKey::Undefined) return std::nullopt;
+  return c10::DispatchKeySet(g.device.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
+}
+
 // Runs the op with grad mode off (the Python path runs under torch.no_grad()), without the GIL
-// for the C++ kernels.
+// for the C++ kernels. `fn(keys)` calls the op, redispatching with `keys` when they are set.
 template <typename Fn>
-auto run(State& st, int backend, Fn&& fn) {
+auto run(State& st, int backend, Op op, const Gathered& g, Fn&& fn) {
   ++st.served;
   at::NoGradGuard no_grad;
+  const std::optional<c10::DispatchKeySet> keys = below_autograd(g, st.ops[backend].plain[op]);
   if (st.native[backend]) {
     py::gil_scoped_release release;
-    return fn();
+    return fn(keys);
   }
-  return fn();
+  return fn(keys);
 }
 
 py::object wrap(at::Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
@@ -473,7 +508,9 @@ py::object get_total_norm(py::handle tensors, py::handle norm_type, py::handle b
   if (b < 0) return unserved(st, tensors.ptr(), items);
   const auto& op = *st.ops[b].total_norm;
   const at::TensorList grads = lease.gathered().grads;
-  return wrap(run(st, b, [&] { return op.call(grads, p); }));
+  return wrap(run(st, b, kTotalNorm, lease.gathered(), [&](auto keys) {
+    return keys ? op.redispatch(*keys, grads, p) : op.call(grads, p);
+  }));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -490,7 +527,9 @@ py::object clip_grad_norm(py::handle parameters, py::handle max_norm, py::handle
   if (b < 0) return unserved(st, parameters.ptr(), items);
   const auto& op = *st.ops[b].clip_grad_norm;
   const at::TensorList grads = lease.gathered().grads;
-  return wrap(run(st, b, [&] { return op.call(grads, bound_value, p); }));
+  return wrap(run(st, b, kClipGradNorm, lease.gathered(), [&](auto keys) {
+    return keys ? op.redispatch(*keys, grads, bound_value, p) : op.call(grads, bound_value, p);
+  }));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -512,9 +551,12 @@ py::object clip_grads_with_norm(py::handle parameters, py::handle max_norm, py::
   const at::TensorList grads = lease.gathered().grads;
   const at::Tensor& norm = THPVariable_Unpack(norm_obj);
   const at::Device device = lease.gathered().device;
-  run(st, b, [&] {
+  run(st, b, kClipGradsWithNorm, lease.gathered(), [&](auto keys) {
     // total_norm.to(device) as clip.py does: the same tensor when it is already there.
-    op.call(grads, bound_value, norm.to(norm.options().device(device), false, false, std::nullopt));
+    const at::Tensor moved = norm.to(norm.options().device(device), false, false, std::nullopt);
+    if (keys && moved.key_set().has_any(kUnservedKeys)) keys = std::nullopt;
+    if (keys) op.redispatch(*keys, grads, bound_value, moved);
+    else op.call(grads, bound_value, moved);
   });
   return py::none();
   END_HANDLE_TH_ERRORS_PYBIND
@@ -531,7 +573,10 @@ py::object clip_grad_value(py::handle parameters, py::handle clip_value, py::han
   if (b < 0) return unserved(st, parameters.ptr(), items);
   const auto& op = *st.ops[b].clip_grad_value;
   const at::TensorList grads = lease.gathered().grads;
-  run(st, b, [&] { op.call(grads, bound_value); });
+  run(st, b, kClipGradValue, lease.gathered(), [&](auto keys) {
+    if (keys) op.redispatch(*keys, grads, bound_value);
+    else op.call(grads, bound_value);
+  });
   return py::none();
   END_HANDLE_TH_ERRORS_PYBIND
 }
