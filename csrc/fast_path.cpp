@@ -28,6 +28,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -608,6 +609,54 @@ py::object plan_only(const std::string& function, py::handle parameters, double 
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+// The Triton backend's table-cache key in one pass (gradclip/triton_backend.py `_table` builds it
+// in Python, ~0.6 us a tensor): (dense, total numel, key), where dense is True when every tensor's
+// elements are exactly the numel consecutive elements from its data_ptr (triton_backend._is_dense),
+// and key packs (data_ptr, numel, dtype) of every tensor, so equal keys mean equal tables.
+bool dense_from_data_ptr(const at::Tensor& g) {
+  if (g.is_contiguous()) return true;
+  thread_local std::vector<std::pair<int64_t, int64_t>> dims;
+  dims.clear();
+  const auto sizes = g.sizes();
+  const auto strides = g.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] != 1) dims.emplace_back(strides[d], sizes[d]);
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+py::tuple tensor_table_key(py::handle tensors) {
+  PyObject* seq = tensors.ptr();
+  TORCH_CHECK_TYPE(PyList_CheckExact(seq) || PyTuple_CheckExact(seq), "tensor_table_key: expected a list or tuple of tensors");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject* const* items = PySequence_Fast_ITEMS(seq);
+  struct Entry {
+    uint64_t ptr;
+    int64_t numel;
+    int64_t dtype;
+  };
+  static_assert(sizeof(Entry) == 24, "packed key entries");
+  py::bytes key(nullptr, static_cast<size_t>(n) * sizeof(Entry));
+  auto* out = reinterpret_cast<Entry*>(PyBytes_AS_STRING(key.ptr()));
+  bool dense = true;
+  int64_t total = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    TORCH_CHECK_TYPE(THPVariable_Check(items[i]), "tensor_table_key: item ", i, " is not a tensor");
+    const at::Tensor& g = THPVariable_Unpack(items[i]);
+    const int64_t numel = g.numel();
+    out[i] = Entry{reinterpret_cast<uint64_t>(g.data_ptr()), numel, static_cast<int64_t>(g.scalar_type())};
+    total += numel;
+    dense = dense && dense_from_data_ptr(g);
+  }
+  return py::make_tuple(dense, total, key);
+}
+
 py::tuple counts() {
   State& st = state();
   return py::make_tuple(st.served, st.unserved);
@@ -634,6 +683,8 @@ void bind_fast_path(py::module_& m) {
         "gradclip.clip_grad_value_'s common case in one call: None, or a 1-tuple otherwise");
   m.def("fast_path_plan", &plan_only, py::arg("function"), py::arg("parameters"), py::arg("norm_type"),
         py::arg("backend"), "The backend the fast path would call for this input, or None (tests, benchmarks)");
+  m.def("tensor_table_key", &tensor_table_key, py::arg("tensors"),
+        "(dense, total numel, key bytes of (data_ptr, numel, dtype) per tensor): the Triton table-cache key");
   m.def("fast_path_counts", &counts, "(calls served, calls handed back to the Python routing)");
   m.def("fast_path_reset", &reset, "Forget cached backend choices and zero the counts (tests)");
 }

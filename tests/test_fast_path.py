@@ -470,3 +470,45 @@ def test_comparison_can_fail():
     fast = outcome(True, "clip_grad_norm_", clone_params(params), 0.1)
     slow = outcome(True, "clip_grad_norm_", clone_params(params), 0.2)
     assert not torch.equal(fast[1][0], slow[1][0])
+
+
+def test_tensor_table_key_matches_the_python_key():
+    """_C.tensor_table_key (for the Triton table cache) against the key triton_backend builds in Python."""
+    import struct
+
+    native = fast_path.native()
+    base = torch.randn(6, 8)
+    cases = [
+        torch.randn(5),
+        base.t(),  # dense, not contiguous
+        base[:, :4],  # not dense
+        torch.randn(3, 1, 4).expand(3, 1, 4),
+        torch.randn(0),
+        torch.randn(4, dtype=torch.bfloat16),
+        torch.tensor(2.0, dtype=torch.float16),
+        base[::2],
+    ]
+
+    def python_dense(g):
+        expected = 1
+        for stride, size in sorted((st, sz) for st, sz in zip(g.stride(), g.shape, strict=True) if sz != 1):
+            if stride != expected:
+                return False
+            expected *= size
+        return True
+
+    for k in range(len(cases)):
+        tensors = cases[: k + 1]
+        dense, total, key = native.tensor_table_key(tensors)
+        assert dense == all(g.is_contiguous() or python_dense(g) for g in tensors)
+        assert total == sum(g.numel() for g in tensors)
+        entries = [struct.unpack_from("<Qqq", key, 24 * i) for i in range(len(tensors))]
+        assert [e[0] for e in entries] == [g.data_ptr() for g in tensors]
+        assert [e[1] for e in entries] == [g.numel() for g in tensors]
+        assert len({e[2] for e in entries}) == len({g.dtype for g in tensors})
+    a, b = torch.randn(4), torch.randn(4)
+    assert native.tensor_table_key([a, b])[2] == native.tensor_table_key((a, b))[2]
+    assert native.tensor_table_key([a, b])[2] != native.tensor_table_key([b, a])[2]
+    assert native.tensor_table_key([a])[2] != native.tensor_table_key([a.to(torch.float16)])[2]
+    with pytest.raises(TypeError, match="not a tensor"):
+        native.tensor_table_key([a, 3])
