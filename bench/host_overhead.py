@@ -73,6 +73,14 @@ def parts(tensors: int, numel: int) -> list[tuple[str, float]]:
         ("python routing: validate", lambda: routing.check_grads(grads)),
         ("python routing: plan (backend per device/dtype)", lambda: routing.plan(grads, 2.0, "auto")),
     ]
+    native = fast_path.native()
+    if native is not None and hasattr(native, "tensor_table_key"):
+        rows.append(
+            (
+                "C++ tensor_table_key (Triton key; not wired into triton_backend)",
+                lambda: native.tensor_table_key(grads),
+            )
+        )
     try:
         from gradclip import triton_backend
 
