@@ -37,6 +37,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "module.h"
@@ -47,9 +48,9 @@ namespace gradclip {
 namespace {
 
 // The ops the fast path calls, in the order of kOpNames.
-enum Op : int { kTotalNorm = 0, kClipGradNorm, kClipGradsWithNorm, kClipGradValue, kNumOps };
+enum Op : int { kTotalNorm = 0, kClipGradNorm, kClipGradsWithNorm, kClipGradValue, kPerParamNorms, kNumOps };
 constexpr std::array<const char*, kNumOps> kOpNames = {"total_norm", "clip_grad_norm_", "clip_grads_with_norm_",
-                                                       "clip_grad_value_"};
+                                                       "clip_grad_value_", "per_param_norms"};
 
 // Norm types the kernels serve, as a small code; 0 is "no norm involved" (clip_grads_with_norm_,
 // clip_grad_value_), which every backend serves.
@@ -67,6 +68,7 @@ using TotalNormFn = at::Tensor(at::TensorList, double);
 using ClipGradNormFn = at::Tensor(at::TensorList, double, double);
 using ClipGradsWithNormFn = void(at::TensorList, double, const at::Tensor&);
 using ClipGradValueFn = void(at::TensorList, double);
+using PerParamNormsFn = std::tuple<at::Tensor, at::Tensor>(at::TensorList, double);
 
 // Typed handles of one backend's ops, found on first use.
 struct BackendOps {
@@ -76,6 +78,7 @@ struct BackendOps {
   std::optional<c10::TypedOperatorHandle<ClipGradNormFn>> clip_grad_norm;
   std::optional<c10::TypedOperatorHandle<ClipGradsWithNormFn>> clip_grads_with_norm;
   std::optional<c10::TypedOperatorHandle<ClipGradValueFn>> clip_grad_value;
+  std::optional<c10::TypedOperatorHandle<PerParamNormsFn>> per_param_norms;
 };
 
 struct State {
@@ -403,6 +406,8 @@ bool has_op(State& st, int backend, Op op) {
       return typed_handle(st, backend, op, ops.clip_grads_with_norm) != nullptr;
     case kClipGradValue:
       return typed_handle(st, backend, op, ops.clip_grad_value) != nullptr;
+    case kPerParamNorms:
+      return typed_handle(st, backend, op, ops.per_param_norms) != nullptr;
     default:
       return false;
   }
@@ -515,6 +520,24 @@ py::object get_total_norm(py::handle tensors, py::handle norm_type, py::handle b
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+py::object per_param_norms(py::handle tensors, py::handle norm_type, py::handle backend) {
+  HANDLE_TH_ERRORS
+  State& st = state();
+  ScratchLease lease;
+  Items items;
+  double p = 0;
+  PClass pclass = kNoNorm;
+  if (!norm_class(norm_type.ptr(), &p, &pclass)) return unserved(st, tensors.ptr(), items);
+  const int b = plan(st, tensors.ptr(), false, backend.ptr(), pclass, kPerParamNorms, items, lease.gathered());
+  if (b < 0) return unserved(st, tensors.ptr(), items);
+  const auto& op = *st.ops[b].per_param_norms;
+  const at::TensorList grads = lease.gathered().grads;
+  return wrap(std::get<1>(run(st, b, kPerParamNorms, lease.gathered(), [&](auto keys) {
+    return keys ? op.redispatch(*keys, grads, p) : op.call(grads, p);
+  })));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 py::object clip_grad_norm(py::handle parameters, py::handle max_norm, py::handle norm_type, py::handle backend) {
   HANDLE_TH_ERRORS
   State& st = state();
@@ -592,12 +615,12 @@ py::object plan_only(const std::string& function, py::handle parameters, double 
   PClass pclass = kNoNorm;
   Op op = kClipGradValue;
   bool of_params = true;
-  if (function == "get_total_norm" || function == "clip_grad_norm_") {
+  if (function == "get_total_norm" || function == "clip_grad_norm_" || function == "per_param_norms") {
     double p = 0;
     py::float_ py_p(norm_type);
     if (!norm_class(py_p.ptr(), &p, &pclass)) return py::none();
-    op = function == "get_total_norm" ? kTotalNorm : kClipGradNorm;
-    of_params = function != "get_total_norm";
+    op = function == "get_total_norm" ? kTotalNorm : function == "per_param_norms" ? kPerParamNorms : kClipGradNorm;
+    of_params = function == "clip_grad_norm_";
   } else if (function == "clip_grads_with_norm_") {
     op = kClipGradsWithNorm;
   } else {
@@ -674,6 +697,8 @@ void reset() {
 void bind_fast_path(py::module_& m) {
   m.def("fast_get_total_norm", &get_total_norm, py::arg("tensors"), py::arg("norm_type"), py::arg("backend"),
         "gradclip.get_total_norm's common case in one call; a 1-tuple (what to route in Python) otherwise");
+  m.def("fast_per_param_norms", &per_param_norms, py::arg("tensors"), py::arg("norm_type"), py::arg("backend"),
+        "gradclip.per_param_norms's common case in one call; a 1-tuple (what to route in Python) otherwise");
   m.def("fast_clip_grad_norm_", &clip_grad_norm, py::arg("parameters"), py::arg("max_norm"), py::arg("norm_type"),
         py::arg("backend"), "gradclip.clip_grad_norm_'s common case in one call; a 1-tuple otherwise");
   m.def("fast_clip_grads_with_norm_", &clip_grads_with_norm, py::arg("parameters"), py::arg("max_norm"),

@@ -29,7 +29,15 @@ SERVED_DTYPES = {
     "mixed": [torch.float32, torch.bfloat16, torch.float16],
 }
 SERVED_P = [1.0, 2.0, math.inf]
-FUNCTIONS = ("clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_")
+FUNCTIONS = (
+    "clip_grad_norm_",
+    "get_total_norm",
+    "clip_grads_with_norm_",
+    "clip_grad_value_",
+    "per_param_norms",
+)
+NORM_FUNCTIONS = ("clip_grad_norm_", "get_total_norm", "per_param_norms")
+TENSOR_FUNCTIONS = ("get_total_norm", "per_param_norms")  # take tensors, not parameters
 
 
 def make_params(shapes, dtypes, seed=0, scale=3.0, none_every=0):
@@ -84,6 +92,8 @@ def call(function, params, max_norm=1.0, norm_type=2.0, total=None, **kw):
         return gradclip.clip_grad_norm_(wrap(params), max_norm, norm_type, **kw)
     if function == "get_total_norm":
         return gradclip.get_total_norm(wrap([p.grad for p in params]), norm_type, **kw)
+    if function == "per_param_norms":
+        return gradclip.per_param_norms(wrap([p.grad for p in params]), norm_type, **kw)
     if function == "clip_grads_with_norm_":
         norm = torch.tensor(7.5) if total is None else total
         return gradclip.clip_grads_with_norm_(wrap(params), max_norm, norm, **kw)
@@ -142,7 +152,7 @@ def served(fn) -> bool:
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_grid_identical_and_served(function, dtypes, shapes):
     params = make_params(shapes, dtypes)
-    for p in SERVED_P if function in ("clip_grad_norm_", "get_total_norm") else [2.0]:
+    for p in SERVED_P if function in NORM_FUNCTIONS else [2.0]:
         # Clipping and not (1e30 would not fit fp16 as a clamp value: torch raises for it too).
         for bound in (1e-2, 1e4 if function == "clip_grad_value_" else 1e30):
             assert_same(function, params, bound, p)
@@ -159,7 +169,7 @@ def test_input_forms(function, form):
 
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_none_grads_are_skipped(function):
-    if function == "get_total_norm":
+    if function in TENSOR_FUNCTIONS:
         pytest.skip("takes tensors, not parameters")
     params = make_params([(4,)] * 7, [torch.float32, torch.bfloat16], none_every=3)
     assert_same(function, params, 0.3)
@@ -174,10 +184,10 @@ def test_nothing_to_clip_goes_to_python(function, form):
     empty = assert_same(function, [], 1.0, form=form)
     if form == "generator":
         assert [w[1] for w in empty[3]] == [
-            f"`{'tensors' if function == 'get_total_norm' else 'parameters'}` is an empty generator, "
+            f"`{'tensors' if function in TENSOR_FUNCTIONS else 'parameters'}` is an empty generator, "
             "no gradient clipping will occur."
         ]
-    if function != "get_total_norm":
+    if function not in TENSOR_FUNCTIONS:
         assert_same(function, make_params([(3,), (2,)], [torch.float32], none_every=1), 1.0, form=form)
 
 
@@ -262,9 +272,9 @@ def test_fallbacks_identical(function, case):
     kw = dict(kw)
     if "error_if_nonfinite" in kw and function not in ("clip_grad_norm_", "get_total_norm"):
         pytest.skip("no error_if_nonfinite argument")
-    if "norm_type" in kw and function not in ("clip_grad_norm_", "get_total_norm"):
+    if "norm_type" in kw and function not in NORM_FUNCTIONS:
         pytest.skip("no norm_type argument")
-    if "max_norm" in kw and function == "get_total_norm":
+    if "max_norm" in kw and function in TENSOR_FUNCTIONS:
         pytest.skip("no max_norm argument")
     max_norm = kw.pop("max_norm", 0.5)
     if case == "second-device":
@@ -414,6 +424,8 @@ def test_the_common_case_never_touches_the_python_routing(monkeypatch):
         monkeypatch.setattr(routing, name, broken)
     torch.testing.assert_close(gradclip.get_total_norm([p.grad for p in params]), expected, rtol=2e-6, atol=0)
     torch.testing.assert_close(gradclip.clip_grad_norm_(iter(params), 1e30), expected, rtol=2e-6, atol=0)
+    per_param = gradclip.per_param_norms(tuple(p.grad for p in params))
+    torch.testing.assert_close(per_param[0], params[0].grad.norm(), rtol=2e-6, atol=0)
     gradclip.clip_grads_with_norm_(params, 1.0, torch.tensor(2.0))
     gradclip.clip_grad_value_(params, 0.25)
     assert all(float(p.grad.abs().max()) <= 0.25 for p in params)
