@@ -1,11 +1,13 @@
 // The Python module gradclip._C. Op implementations register themselves with TORCH_LIBRARY_IMPL in
-// their own files (csrc/cuda/ for the CUDA key); this file only builds the pybind11 module.
+// their own files (csrc/cuda/ for the CUDA key); this file only builds the pybind11 module, to which
+// each part adds its functions (csrc/fast_path.cpp: the host fast path).
 #include <torch/extension.h>
 
 #include "module.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradclip native core; importing it registers the compiled gradclip::* kernels";
+  gradclip::bind_fast_path(m);
   gradclip::bind_cpu(m);
 #if defined(GRADCLIP_WITH_CUDA)
   m.attr("WITH_CUDA") = true;

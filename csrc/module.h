@@ -5,6 +5,9 @@
 
 namespace gradclip {
 
+// Host fast path (csrc/fast_path.cpp): the common call of the public functions in one C++ call.
+void bind_fast_path(pybind11::module_& m);
+
 // CPU backend (csrc/cpu/norm_clip.cpp): build attributes and the bench's bandwidth floors.
 void bind_cpu(pybind11::module_& m);
 

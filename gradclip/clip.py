@@ -5,6 +5,10 @@ Each call validates every input before touching any gradient, groups the gradien
 validation and planning live in gradclip.routing, shared with the distributed path. The
 common case, every gradient on one device served by one backend, is one fused op call: one kernel
 launch on the GPU backends, with no host synchronisation unless error_if_nonfinite=True.
+
+Eager calls are offered first to the native fast path (gradclip.fast_path, csrc/fast_path.cpp),
+which serves the common case in one C++ call with no Python per tensor and the same op call; what
+it declines continues below unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gradclip import ops, routing
+from gradclip import fast_path, ops, routing
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -43,6 +47,11 @@ def get_total_norm(
     `process_group` sums in the tensors of the group's other ranks (pipeline stages, expert
     shards); one collective per distinct process group, a plain tensor identical on every rank.
     """
+    if not error_if_nonfinite and process_group is None and (native := fast_path.native()) is not None:
+        out = native.fast_get_total_norm(tensors, norm_type, backend)
+        if type(out) is not tuple:
+            return out
+        tensors = fast_path.handback(tensors, out)
     tensors = routing.as_list(tensors, "tensors")
     norm_type = routing.check_norm_type(norm_type)
     routing.check_grads(tensors, "tensors")
@@ -76,6 +85,11 @@ def clip_grads_with_norm_(
     `total_norm` is a device tensor (no host sync). Gradients are left bit-identical when the
     coefficient clamps to 1; a NaN norm makes them NaN, exactly as in torch.
     """
+    if (native := fast_path.native()) is not None:
+        out = native.fast_clip_grads_with_norm_(parameters, max_norm, total_norm, backend)
+        if out is None:
+            return
+        parameters = fast_path.handback(parameters, out)
     max_norm = routing.check_bound(max_norm, "max_norm")
     grads = routing.grads_of(parameters)
     routing.check_grads(grads)
@@ -108,6 +122,11 @@ def clip_grad_norm_(
     gradients (FSDP2, tensor parallel) and `process_group` (pipeline stages, expert shards). DDP
     needs neither: its gradients are already averaged, so the local norm is the global one.
     """
+    if not error_if_nonfinite and process_group is None and (native := fast_path.native()) is not None:
+        out = native.fast_clip_grad_norm_(parameters, max_norm, norm_type, backend)
+        if type(out) is not tuple:
+            return out
+        parameters = fast_path.handback(parameters, out)
     max_norm = routing.check_bound(max_norm, "max_norm")
     norm_type = routing.check_norm_type(norm_type)
     grads = routing.grads_of(parameters)
@@ -142,6 +161,11 @@ def clip_grad_value_(
     backend: str = "auto",
 ) -> None:
     """Clamp every gradient to [-clip_value, clip_value] in place (one launch per device); NaN stays NaN."""
+    if (native := fast_path.native()) is not None:
+        out = native.fast_clip_grad_value_(parameters, clip_value, backend)
+        if out is None:
+            return
+        parameters = fast_path.handback(parameters, out)
     clip_value = routing.check_bound(clip_value, "clip_value")
     grads = routing.grads_of(parameters)
     routing.check_grads(grads)

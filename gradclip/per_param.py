@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gradclip import reference, routing
+from gradclip import fast_path, reference, routing
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -45,6 +45,11 @@ def per_param_norms(
     expert shards) each rank's tensors are its own parameters, so their entries are not summed
     over that group.
     """
+    if process_group is None and (native := fast_path.native()) is not None:  # one C++ call (issue 13)
+        out = native.fast_per_param_norms(tensors, norm_type, backend)
+        if type(out) is not tuple:
+            return out
+        tensors = fast_path.handback(tensors, out)
     tensors = routing.as_list(tensors, "tensors")
     norm_type = routing.check_norm_type(norm_type)
     routing.check_grads(tensors)
