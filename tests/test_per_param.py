@@ -259,3 +259,34 @@ def test_fake_outputs_match_real_ones():
     real_total, real_per_param = reference.per_param_norms(grads, 2.0)
     assert (total.shape, total.dtype) == (real_total.shape, real_total.dtype)
     assert (per_param.shape, per_param.dtype) == (real_per_param.shape, real_per_param.dtype)
+
+
+# --- the native CPU kernels (gradclip._C, issue 13), when built -------------------------------------
+
+
+def _cpu_kernels_or_skip():
+    from gradclip import backends
+
+    if "cpu" not in ops.BACKENDS:
+        pytest.skip("no cpu op family in this build")
+    why = backends.why_unavailable("cpu", "cpu")
+    if why:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("shapes", SHAPE_GRID.values(), ids=SHAPE_GRID.keys())
+def test_cpu_kernels_per_param(shapes, p):
+    _cpu_kernels_or_skip()
+    grads = make(shapes, DTYPES["mixed-no-fp64"])
+    grads[len(grads) // 2].view(-1)[:1] = math.nan if grads[len(grads) // 2].numel() else 0.0
+    total, per_param = ops.op("cpu", "per_param_norms")(grads, p)
+    check_per_param(per_param, grads, p)
+    assert torch.equal(total, ops.op("cpu", "total_norm")(grads, p)) or total.isnan()
+    ours, theirs = [g.clone() for g in grads], [g.clone() for g in grads]
+    total, per_param = ops.op("cpu", "clip_grad_norm_per_param_")(ours, 0.5, p)
+    expected_total = ops.op("cpu", "clip_grad_norm_")(theirs, 0.5, p)
+    assert torch.equal(total, expected_total) or (total.isnan() and expected_total.isnan())
+    check_per_param(per_param, grads, p)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

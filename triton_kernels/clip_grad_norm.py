@@ -9,6 +9,9 @@ One `@triton.jit` function, specialised by constexprs into the kernels the backe
                            the interpreter runs instead of PHASE 0.
     PHASE=3                clip_grads_with_norm_: coefficient from a given fp32 norm -> rescale.
 
+clip_grad_norm_per_param_kernel is the same code with PER_PARAM (the per-parameter ops, issue 14):
+PHASE 0 (GPU, one launch) or PHASE 1 then 2 (interpreter), with and without SCALE.
+
 Math. Program p reduces its contiguous range of chunks (BLOCK elements of one tensor each) into
 one fp64 partial: sum x^2 (p=2), sum |x| (p=1) or max |x| (p=inf, NaN-propagating), and writes it
 to partials[p] (no atomics, so the norm is bitwise reproducible). Finishing, every program sums
@@ -18,6 +21,17 @@ times max_norm. Program 0 writes the norm. When
 coef >= 1 nothing is written (gradients stay bit-identical); otherwise (coef < 1 or NaN) each
 program rescales its own chunks, multiplying in fp32 and rounding once to the gradient dtype,
 walking them in reverse (REVERSE) so the chunks read last, likeliest still in L2, go first.
+
+Per-parameter norms (PER_PARAM). Program p also keeps the partial of each tensor t of its range
+in a second per-lane accumulator (so its own partial, and the total, take exactly the same
+operations as without PER_PARAM: bitwise the same norm) and writes it to its own slot
+tparts[p + t]: the programs' tensor ranges [t_first, t_last] are non-decreasing and overlap in at
+most one tensor, so the slots p + t are distinct and fit T + P - 1 entries. After the barrier,
+program p finishes tensors [p*T//P, (p+1)*T//P): the slots of the programs owning the tensor's
+chunks (program of chunk c = ((c + 1) * P - 1) // C) are loaded as one masked vector and reduced
+in a fixed tree order, then sqrt (p = 2) in fp64 and one rounding to fp32; an empty tensor gets 0.
+No float atomics. Extra cost: one fp64 add per element, a block reduction per (program, tensor)
+pair, 8 B per pair written and read back, T small reductions.
 
 Accumulation: fp64. Squares of fp16/bf16/fp32 values are exact in fp64 and a sum of up to 2^60 of
 them (< 3.4e38^2 * 2^60 < 1.8e308) cannot overflow, so finite fp32 inputs up to 3.4e38 give a
