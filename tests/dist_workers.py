@@ -563,6 +563,11 @@ def per_param_worker(rank: int, world: int) -> None:
     torch.testing.assert_close(per_param.double(), _full_norms(pieces, 2.0), rtol=NORM_RTOL, atol=0)
     total, _ = distributed.per_param_norms(pieces, 2.0, "auto", dist.group.WORLD)
     assert torch.equal(total, gradclip.get_total_norm(pieces, 2.0, process_group=dist.group.WORLD))
+    mine = pieces if rank == 0 else []  # a stage with no gradients still joins the collective
+    with count_collectives() as counts:
+        per_param = gradclip.per_param_norms(mine, 2.0, process_group=dist.group.WORLD)
+    assert counts["python"] == 1 and per_param.shape == (len(mine),), (counts, per_param)
+    torch.testing.assert_close(per_param.double(), _full_norms(mine, 2.0), rtol=NORM_RTOL, atol=0)
     pipeline = dist.new_group([0, 1])
     full, grads = _dtensor_grads(layouts[:3], seed=12)
     with count_collectives() as counts:
