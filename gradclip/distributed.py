@@ -375,7 +375,10 @@ def per_param_norms(
     for c, members in enumerate(classes.values()):
         for k, i in enumerate(members):
             position[i] = (c, k)
-    per_param = routing.concat_in_order(entries, (position[i] for i in range(len(tensors))))
+    if tensors:
+        per_param = routing.concat_in_order(entries, (position[i] for i in range(len(tensors))))
+    else:  # a rank with no tensors still took part in the group's collective
+        per_param = torch.zeros(0, dtype=f64, device=device)
     values = torch.stack(powers)
     total = values.max() if use_max else values.sum().pow(1.0 / norm_type)
     return total.to(out_dtype), per_param.to(out_dtype)

@@ -15,12 +15,14 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -179,7 +181,9 @@ ThreadBuffers& thread_buffers() {
 // outlives the launch). The guard is set only after gradient 0 is known to be a defined CUDA
 // tensor: constructing a CUDAGuard from grads[0].device() up front threw an unhelpful c10 error
 // ("Expected a CUDA device type") for a CPU or undefined first gradient.
-Prepared prepare(at::TensorList grads, bool mutates, c10::cuda::OptionalCUDAGuard& guard) {
+// keep_empty (per-parameter ops): the table keeps every tensor, empty ones included, so entry i is
+// gradient i (plan_table_keep_empty).
+Prepared prepare(at::TensorList grads, bool mutates, c10::cuda::OptionalCUDAGuard& guard, bool keep_empty = false) {
   Prepared prep;
   ThreadBuffers& buf = thread_buffers();
   buf.host.clear();
@@ -206,19 +210,20 @@ Prepared prepare(at::TensorList grads, bool mutates, c10::cuda::OptionalCUDAGuar
     buf.host.push_back(HostTensor{ptr, g.numel(), tag});
   }
   const int count = static_cast<int>(buf.host.size());
-  const int nonempty = count_nonempty(buf.host.data(), count);
+  const int entries = keep_empty ? count : count_nonempty(buf.host.data(), count);
+  const auto plan = keep_empty ? plan_table_keep_empty : plan_table;
   guard.set_device(prep.device);
   prep.stream = c10::cuda::getCurrentCUDAStream(prep.device.index()).stream();
   prep.capturing = stream_is_capturing(prep.stream);
-  if (fits_inline(nonempty)) {
+  if (fits_inline(entries)) {
     InlineTable& t = *buf.inline_table;
-    t.n = plan_table(buf.host.data(), count, t.refs, t.dtypes, &t.total_chunks);
+    t.n = plan(buf.host.data(), count, t.refs, t.dtypes, &t.total_chunks);
     prep.table.inline_table = &t;
   } else {
     buf.refs.resize(count);
     buf.dtypes.resize(count);
     int64_t total_chunks = 0;
-    const int n = plan_table(buf.host.data(), count, buf.refs.data(), buf.dtypes.data(), &total_chunks);
+    const int n = plan(buf.host.data(), count, buf.refs.data(), buf.dtypes.data(), &total_chunks);
     prep.table.inline_table = nullptr;
     prep.table.device_table =
         device_table_for(prep.device, prep.stream, prep.capturing, buf.refs, buf.dtypes, n, total_chunks);
@@ -244,6 +249,40 @@ at::Tensor norm_launch(at::TensorList grads, double norm_type, bool clip, double
     finish_read_only(prep);
   }
   return norm;
+}
+
+// Per-parameter norms (issue 14): the same fused launch, also writing each gradient's fp32 norm.
+// Allocates the two outputs and total_chunks * 16 fp64 slots per call (the caching allocator;
+// under capture the graph's pool), copies nothing from the host on a cached table.
+// Test hook: when set, the per-tensor slots are filled with NaN before the launch (an extra kernel),
+// so a slot read before it is written shows up as a NaN per-parameter norm.
+std::atomic<bool> poison_per_param_slots{false};
+
+std::tuple<at::Tensor, at::Tensor> per_param_launch(at::TensorList grads, double norm_type, bool clip, double max_norm) {
+  const NormType p = norm_tag(norm_type);
+  if (grads.empty()) {
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    return {at::zeros({}, options), at::zeros({0}, options)};
+  }
+  c10::cuda::OptionalCUDAGuard guard;
+  Prepared prep = prepare(grads, clip, guard, /*keep_empty=*/true);
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(prep.device);
+  at::Tensor norm = at::empty({}, options);
+  at::Tensor per_param = at::empty({static_cast<int64_t>(grads.size())}, options);
+  at::Tensor partials = partials_for(prep.device, prep.stream, prep.capturing);
+  at::Tensor chunk_partials =
+      at::empty({per_param_slots(prep.table.total_chunks())}, options.dtype(at::kDouble));
+  if (poison_per_param_slots.load(std::memory_order_relaxed)) chunk_partials.fill_(std::numeric_limits<double>::quiet_NaN());
+  GRADCLIP_CHECK_LAUNCH(launch_norm_clip_per_param(prep.table, p, clip, static_cast<float>(max_norm),
+                                                   partials.data_ptr<double>(), norm.data_ptr<float>(),
+                                                   chunk_partials.data_ptr<double>(), per_param.data_ptr<float>(),
+                                                   prep.device.index(), prep.stream));
+  if (clip) {
+    prep.finish();
+  } else {
+    finish_read_only(prep);
+  }
+  return {norm, per_param};
 }
 
 // ---- The four ops --------------------------------------------------------------------------------
@@ -278,6 +317,15 @@ void cuda_clip_grad_value_(at::TensorList grads, double clip_value) {
   prep.finish();
 }
 
+std::tuple<at::Tensor, at::Tensor> cuda_per_param_norms(at::TensorList grads, double norm_type) {
+  return per_param_launch(grads, norm_type, false, 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_clip_grad_norm_per_param_(at::TensorList grads, double max_norm,
+                                                                  double norm_type) {
+  return per_param_launch(grads, norm_type, true, max_norm);
+}
+
 // Test hook: fill every cached partial-sum slot with NaN, so a slot read before written fails.
 void poison_scratch() {
   std::lock_guard<std::mutex> lock(scratch_mutex);
@@ -303,6 +351,8 @@ TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
   m.impl("cuda_clip_grad_norm_", &gradclip::cuda_clip_grad_norm_);
   m.impl("cuda_clip_grads_with_norm_", &gradclip::cuda_clip_grads_with_norm_);
   m.impl("cuda_clip_grad_value_", &gradclip::cuda_clip_grad_value_);
+  m.impl("cuda_per_param_norms", &gradclip::cuda_per_param_norms);
+  m.impl("cuda_clip_grad_norm_per_param_", &gradclip::cuda_clip_grad_norm_per_param_);
 }
 
 namespace gradclip {
@@ -315,6 +365,9 @@ void bind_cuda(pybind11::module_& m) {
   m.attr("CHUNK_ELEMS") = kChunkElems;
   m.attr("MAX_GRID") = kMaxGrid;
   m.def("poison_scratch", &poison_scratch, "Fill cached partial-sum slots with NaN (tests)");
+  m.def(
+      "set_poison_per_param_scratch", [](bool on) { poison_per_param_slots.store(on); },
+      "Fill the per-parameter slots with NaN before each per-param launch (tests)");
   m.def("cached_device_tables", &cached_device_tables, "Number of cached device tensor tables");
 }
 
