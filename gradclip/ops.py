@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from gradclip import reference
+from gradclip import labels, reference
 
 BACKENDS = ("reference", "triton", "cuda")
 OP_NAMES = (
@@ -117,5 +117,8 @@ for _op, _fn in _REFERENCE_IMPLS.items():
 
 
 def op(backend: str, name: str):
-    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`."""
-    return getattr(torch.ops.gradclip, f"{backend}_{name}").default
+    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`; while a profiler records, it
+    runs inside a region named after the op (see gradclip.labels: free when nothing records)."""
+    return labels.labelled(
+        getattr(torch.ops.gradclip, f"{backend}_{name}").default, qualified_name(backend, name)
+    )
