@@ -335,6 +335,17 @@ class Clipper:
             spike = self.observe(total, coef, per_param, nonfinite)
         return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
 
+    def measure(self) -> ClipStats:
+        """Record the current gradients' norms without clipping them (clip_coef is 1): telemetry
+        for an unclipped run, or for a step whose gradients some other code clips. Same ops as
+        `norms()`, then the history record; no host sync."""
+        with torch.no_grad():
+            total, per_param = self._run(clip=False)
+            coef = torch.ones_like(total)
+            nonfinite = torch.logical_not(torch.isfinite(total))
+            spike = self.observe(total, coef, per_param, nonfinite)
+        return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
+
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,9 @@ The suggested max_norm is the 90th percentile of the recorded norms of well-beha
 the typical step (clipping most steps amounts to a smaller learning rate, and an adaptive
 optimiser then mostly sees the threshold instead of the gradient); with the 90th percentile,
 about one well-behaved step in ten and every spike are clipped. Spikes and non-finite steps are
-left out so that the very events clipping guards against do not raise the threshold.
+left out so that the very events clipping guards against do not raise the threshold. When the
+remaining norms span more than three orders of magnitude the run is diverging (or spikes were not
+judged yet), and no value is suggested.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 SUGGEST_PERCENTILE = 90.0
 SUGGEST_MIN_STEPS = 20
 HEATMAP_ROWS = 40
+SUGGEST_MAX_SPREAD = 3.0  # orders of magnitude between the smallest and largest good norm
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,12 +100,25 @@ def text(clipper: Clipper, top: int = 10) -> str:
     events = snap["events"]
     if snap["events_seen"] > len(events):
         lines.append(f"  ({snap['events_seen']} spike/non-finite events seen, the last {len(events)} kept)")
-    for e in events:
+    i = 0
+    while i < len(events):
+        e = events[i]
         kind = "non-finite" if e["flags"] & history_mod.FLAG_NONFINITE else "spike"
         line = f"  step {e['step']}: {kind}, norm {e['norm']:.4g}"
         if e["per_param"]:
             line += "; " + _top_params(clipper.names, e["per_param"], top)
+        j = i  # a run of non-finite steps right after this one: one line
+        while (
+            kind == "non-finite"
+            and j + 1 < len(events)
+            and events[j + 1]["step"] == events[j]["step"] + 1
+            and events[j + 1]["flags"] & history_mod.FLAG_NONFINITE
+        ):
+            j += 1
+        if j > i:
+            line += f"\n    ... and non-finite in every step through {events[j]['step']} ({j - i} more)"
         lines.append(line)
+        i = j + 1
     if snap["per_param"]:
         means = []
         for j, name in enumerate(clipper.names):
@@ -115,10 +131,18 @@ def text(clipper: Clipper, top: int = 10) -> str:
             + ", ".join(f"{name}={v:.4g}" for name, v in means[:top])
         )
     suggestion = suggest_max_norm(norms, flags)
-    good = sum(1 for x, f in zip(norms, flags, strict=True) if f == 0 and math.isfinite(x))
+    good_norms = [x for x, f in zip(norms, flags, strict=True) if f == 0 and math.isfinite(x)]
+    good = len(good_norms)
+    spread = math.log10(max(good_norms) / min(good_norms)) if good and min(good_norms) > 0 else 0.0
     if math.isnan(suggestion):
         lines.append(
             f"suggested max_norm: not enough well-behaved steps ({good} < {SUGGEST_MIN_STEPS}) to suggest one"
+        )
+    elif spread > SUGGEST_MAX_SPREAD:
+        lines.append(
+            f"suggested max_norm: none: the finite non-spike norms span {spread:.0f} orders of magnitude, so "
+            "these steps are not well-behaved (the run diverges, or spike detection was not active yet); "
+            "record a run that clips and ask again"
         )
     else:
         would_clip = sum(1 for x in norms if not (x <= suggestion))
