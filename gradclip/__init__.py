@@ -9,6 +9,7 @@
 from gradclip import backends, ops  # noqa: F401 (defines the gradclip::* torch.library ops)
 from gradclip.backends import BackendUnavailableError
 from gradclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from gradclip.clipper import Clipper, ClipStats
 from gradclip.errors import (
     GradclipError,
     GradientDtypeError,
@@ -24,6 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ClipStats",
+    "Clipper",
     "GradclipError",
     "GradientDtypeError",
     "GradientLayoutError",

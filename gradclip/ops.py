@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from gradclip import inductor_fix, reference
+from gradclip import inductor_fix, labels, reference
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 OP_NAMES = (
@@ -127,10 +127,13 @@ _lib.impl("copy_of", lambda x: x.clone(), "CompositeExplicitAutograd")
 
 
 def op(backend: str, name: str):
-    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`.
+    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`; while a profiler records, it
+    runs inside a region named after the op (see gradclip.labels: free when nothing records).
 
     While Dynamo traces a call, it also installs gradclip.inductor_fix (once), so that a copy of a
     gradient taken after clipping in the same compiled graph stays a copy."""
     if torch.compiler.is_compiling():
         inductor_fix.install()
-    return getattr(torch.ops.gradclip, f"{backend}_{name}").default
+    return labels.labelled(
+        getattr(torch.ops.gradclip, f"{backend}_{name}").default, qualified_name(backend, name)
+    )
