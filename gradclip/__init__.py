@@ -10,10 +10,13 @@ from gradclip import backends, ops  # noqa: F401 (defines the gradclip::* torch.
 from gradclip.backends import BackendUnavailableError
 from gradclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from gradclip.patch import patch_torch, unpatch_torch
+from gradclip.thresholds import AGC, AutoClip, ZClip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AutoClip",
     "BackendUnavailableError",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -21,4 +24,5 @@ __all__ = [
     "get_total_norm",
     "patch_torch",
     "unpatch_torch",
+    "ZClip",
 ]
