@@ -9,7 +9,9 @@
 from gradclip import backends, ops  # noqa: F401 (defines the gradclip::* torch.library ops)
 from gradclip.backends import BackendUnavailableError
 from gradclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from gradclip.clipper import Clipper, ClipStats
 from gradclip.patch import patch_torch, unpatch_torch
+from gradclip.per_param import per_param_norms
 from gradclip.thresholds import AGC, AutoClip, ZClip
 
 __version__ = "0.1.0"
@@ -18,11 +20,14 @@ __all__ = [
     "AGC",
     "AutoClip",
     "BackendUnavailableError",
+    "ClipStats",
+    "Clipper",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
     "patch_torch",
+    "per_param_norms",
     "unpatch_torch",
     "ZClip",
 ]

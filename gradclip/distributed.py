@@ -216,3 +216,126 @@ def clip_grad_norm_(
         norm = total.to(group.grads[0].device)
         ops.op(group.backend, "clip_grads_with_norm_")(group.grads, max_norm, norm)
     return total
+
+
+def per_param_norms(
+    tensors: Sequence[Tensor], norm_type: float, backend: str, process_group=None
+) -> tuple[Tensor, Tensor]:
+    """(total, per_param) across ranks: `total` as `total_norm` computes it, `per_param` the norm
+    of each FULL tensor in input order (fp32, fp64 if any gradient is fp64, on the first tensor's
+    device), identical on every rank that holds a shard of it.
+
+    The p-th power of each tensor's local norm is reduced over the groups of the mesh dims it is
+    sharded on, appended to the vector that carries the slot powers to those groups' collectives,
+    so a call still issues ONE collective per distinct process group. `process_group` is not
+    summed into the per-tensor entries: each rank's tensors there are its own parameters. A
+    tensor that needs no reduction (plain, replicated) keeps its local norm exactly. No host sync.
+    """
+    _check_norm_type(norm_type)
+    cls = dtensor_class()
+    extra = () if process_group is None else (process_group,)
+    layouts: dict[tuple, tuple[tuple, bool]] = {}
+    keys: dict[tuple, tuple] = {}  # tuple of ids -> the tuple of groups it was first seen with
+    slots: dict[tuple, list[int]] = {}  # groups to reduce over -> indices of its non-empty tensors
+    classes: dict[tuple, list[int]] = {}  # groups a tensor's own entry is reduced over -> indices
+    locals_: list[Tensor] = []  # what each tensor's norm is taken of
+    shards: list[Tensor] = []
+    for i, t in enumerate(tensors):
+        groups, norm_of = (), t
+        if cls is not None and isinstance(t, cls):
+            spec = t._spec
+            layout = (id(spec.mesh), spec.placements)
+            found = layouts.get(layout)
+            if found is None:
+                found = layouts[layout] = _groups_of_placements(spec.mesh, spec.placements)
+            groups, partial = found
+            norm_of = _replicate_partials(t) if partial else t._local_tensor
+            shards.append(t._local_tensor)
+        else:
+            shards.append(t)
+        locals_.append(norm_of)
+        own = keys.setdefault(tuple(id(g) for g in groups), groups)
+        classes.setdefault(own, []).append(i)
+        members = slots.setdefault(keys.setdefault(tuple(id(g) for g in groups + extra), groups + extra), [])
+        if norm_of.numel():
+            members.append(i)
+    if extra and not slots:  # no tensors here: still take part in the group's collective
+        slots[extra] = []
+    out_dtype = reference.norm_dtype(t.dtype for t in shards)
+    if not slots:  # only possible with no tensors and no process group
+        return torch.zeros((), dtype=out_dtype), torch.zeros(0, dtype=out_dtype)
+    device = _device_for(shards, process_group)
+    use_max = math.isinf(norm_type)
+    f64 = torch.float64
+
+    # Local norms: one per-param op per slot and device/backend group (the same pass as the total).
+    powers: list[Tensor] = []  # per slot, as total_norm computes them
+    pieces: list[Tensor] = []  # per slot, the fp64 local norms of its members
+    where: dict[int, tuple[int, int]] = {}
+    for members in slots.values():
+        if not members:
+            powers.append(torch.zeros((), dtype=f64, device=device))
+            continue
+        grads = [locals_[i] for i in members]
+        norm, per_param = routing.per_param_norms(
+            routing.plan(grads, norm_type, backend), norm_type, grads, device
+        )
+        norm = norm.to(device=device, dtype=f64)
+        powers.append(norm if use_max else norm.pow(norm_type))
+        for k, i in enumerate(members):
+            where[i] = (len(pieces), k)
+        pieces.append(per_param.to(dtype=f64))
+    n_empty = len(tensors) - len(where)
+    pieces.append(torch.zeros(n_empty, dtype=f64, device=device))
+    empties = iter(range(n_empty))
+    for i in range(len(tensors)):
+        if i not in where:
+            where[i] = (len(pieces) - 1, next(empties))
+
+    # Per-tensor entries, one vector per class of tensors reduced over the same groups.
+    entries = [routing.concat_in_order(pieces, (where[i] for i in members)) for members in classes.values()]
+    for c, groups in enumerate(classes):
+        if groups and not use_max:
+            entries[c] = entries[c].pow(norm_type)
+    # One all_reduce per distinct group (first seen in the slots, as total_norm orders them): the
+    # slot powers that need it, then the per-tensor entries that need it, in one vector.
+    users: dict[int, tuple[object, list[int], list[int]]] = {}
+    for index, groups in enumerate(slots):
+        for group in groups:
+            users.setdefault(id(group), (group, [], []))[1].append(index)
+    for c, groups in enumerate(classes):
+        for group in groups:
+            users[id(group)][2].append(c)
+    for group, slot_indices, class_indices in users.values():
+        parts = [torch.stack([powers[i] for i in slot_indices])] if slot_indices else []
+        parts += [entries[c] for c in class_indices]
+        reduced = _all_reduce(torch.cat(parts), group, use_max)
+        for k, i in enumerate(slot_indices):
+            powers[i] = reduced[k]
+        offset = len(slot_indices)
+        for c in class_indices:
+            entries[c] = reduced[offset : offset + entries[c].numel()]
+            offset += entries[c].numel()
+    for c, groups in enumerate(classes):
+        if groups and not use_max:
+            entries[c] = entries[c].pow(1.0 / norm_type)
+    position: dict[int, tuple[int, int]] = {}
+    for c, members in enumerate(classes.values()):
+        for k, i in enumerate(members):
+            position[i] = (c, k)
+    per_param = routing.concat_in_order(entries, (position[i] for i in range(len(tensors))))
+    values = torch.stack(powers)
+    total = values.max() if use_max else values.sum().pow(1.0 / norm_type)
+    return total.to(out_dtype), per_param.to(out_dtype)
+
+
+def clip_grad_norm_per_param_(
+    grads: Sequence[Tensor], max_norm: float, norm_type: float, backend: str, process_group=None
+) -> tuple[Tensor, Tensor]:
+    """`per_param_norms` across ranks, then every local shard scaled by the clip coefficient of
+    the total, as `clip_grad_norm_` does. Returns (total, per_param), both from before clipping."""
+    total, per_param = per_param_norms(grads, norm_type, backend, process_group)
+    shards = [t for t in local_tensors(grads) if t.numel()]
+    for group in routing.plan(shards, None, backend):
+        ops.op(group.backend, "clip_grads_with_norm_")(group.grads, max_norm, total.to(group.grads[0].device))
+    return total, per_param

@@ -1,11 +1,18 @@
 """The `torch.library` ops: schemas and fake (meta) implementations, all defined here in Python.
 
-Each backend owns one family of four ops, `gradclip::{backend}_{op}`, with the same schema:
+Each backend owns one family of six ops, `gradclip::{backend}_{op}`, with the same schema:
 
     {b}_total_norm(Tensor[] grads, float norm_type) -> Tensor
     {b}_clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor
     {b}_clip_grads_with_norm_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()
     {b}_clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()
+    {b}_per_param_norms(Tensor[] grads, float norm_type) -> (Tensor, Tensor)
+    {b}_clip_grad_norm_per_param_(Tensor(a!)[] grads, float max_norm, float norm_type) -> (Tensor, Tensor)
+
+The two per-param ops return (total, per_param): `total` exactly (bitwise) what `{b}_total_norm`
+returns, `per_param` a 1-D tensor of len(grads) norms in input order, in the norm dtype (fp32, fp64
+if any gradient is fp64) on the gradients' device; the clip variant rescales exactly as
+`{b}_clip_grad_norm_` does.
 
 Every op takes the gradients of one device (dtypes may be mixed). The mutated list is declared
 `Tensor(a!)[]`, so torch.compile functionalizes it as an in-place update of the gradients; every
@@ -23,16 +30,25 @@ from __future__ import annotations
 
 import torch
 
-from gradclip import reference
+from gradclip import labels, reference
 
 BACKENDS = ("reference", "triton", "cuda")
-OP_NAMES = ("total_norm", "clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_")
+OP_NAMES = (
+    "total_norm",
+    "clip_grad_norm_",
+    "clip_grads_with_norm_",
+    "clip_grad_value_",
+    "per_param_norms",
+    "clip_grad_norm_per_param_",
+)
 
 _SCHEMAS = {
     "total_norm": "(Tensor[] grads, float norm_type) -> Tensor",
     "clip_grad_norm_": "(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor",
     "clip_grads_with_norm_": "(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()",
     "clip_grad_value_": "(Tensor(a!)[] grads, float clip_value) -> ()",
+    "per_param_norms": "(Tensor[] grads, float norm_type) -> (Tensor, Tensor)",
+    "clip_grad_norm_per_param_": "(Tensor(a!)[] grads, float max_norm, float norm_type) -> (Tensor, Tensor)",
 }
 
 _lib = torch.library.Library("gradclip", "DEF")  # noqa: TOR901 (kept alive for the process)
@@ -51,6 +67,19 @@ def _fake_clip_grad_norm_(grads, max_norm, norm_type):
     return _fake_norm(grads)
 
 
+def _fake_norms(grads):
+    total = _fake_norm(grads)
+    return total, total.new_empty((len(grads),))
+
+
+def _fake_per_param_norms(grads, norm_type):
+    return _fake_norms(grads)
+
+
+def _fake_clip_grad_norm_per_param_(grads, max_norm, norm_type):
+    return _fake_norms(grads)
+
+
 def _fake_none(*args):
     return None
 
@@ -60,6 +89,8 @@ _FAKES = {
     "clip_grad_norm_": _fake_clip_grad_norm_,
     "clip_grads_with_norm_": _fake_none,
     "clip_grad_value_": _fake_none,
+    "per_param_norms": _fake_per_param_norms,
+    "clip_grad_norm_per_param_": _fake_clip_grad_norm_per_param_,
 }
 
 _REFERENCE_IMPLS = {
@@ -67,6 +98,8 @@ _REFERENCE_IMPLS = {
     "clip_grad_norm_": reference.clip_grad_norm_,
     "clip_grads_with_norm_": reference.clip_grads_with_norm_,
     "clip_grad_value_": reference.clip_grad_value_,
+    "per_param_norms": reference.per_param_norms,
+    "clip_grad_norm_per_param_": reference.clip_grad_norm_per_param_,
 }
 
 
@@ -84,5 +117,8 @@ for _op, _fn in _REFERENCE_IMPLS.items():
 
 
 def op(backend: str, name: str):
-    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`."""
-    return getattr(torch.ops.gradclip, f"{backend}_{name}").default
+    """The OpOverload `torch.ops.gradclip.{backend}_{name}.default`; while a profiler records, it
+    runs inside a region named after the op (see gradclip.labels: free when nothing records)."""
+    return labels.labelled(
+        getattr(torch.ops.gradclip, f"{backend}_{name}").default, qualified_name(backend, name)
+    )

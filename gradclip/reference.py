@@ -120,6 +120,29 @@ def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float) -> T
     return total
 
 
+def per_param_norms(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    """(total, per_param): the total exactly as `total_norm` computes it (bitwise), and the norm of
+    each gradient in input order as a 1-D tensor of the norm dtype (fp32, fp64 for fp64 grads).
+
+    Each per-tensor norm is that tensor's own fp64 norm rounded once: NaN/inf as
+    torch.linalg.vector_norm of that tensor gives, never overflowing for finite inputs.
+    """
+    out_dtype = norm_dtype(g.dtype for g in grads)
+    if not grads:
+        return torch.zeros((), dtype=out_dtype), torch.zeros(0, dtype=out_dtype)
+    norms = per_tensor_norms(grads, norm_type)
+    return combine_norms(norms, norm_type, out_dtype), norms.to(out_dtype)
+
+
+def clip_grad_norm_per_param_(
+    grads: list[Tensor], max_norm: float, norm_type: float
+) -> tuple[Tensor, Tensor]:
+    """`clip_grad_norm_` that also returns the per-gradient norms (before clipping)."""
+    total, per_param = per_param_norms(grads, norm_type)
+    clip_grads_with_norm_(grads, max_norm, total)
+    return total, per_param
+
+
 def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
     """Clamp every gradient to [-clip_value, clip_value] in place; NaN stays NaN."""
     if grads:

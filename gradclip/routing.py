@@ -158,3 +158,71 @@ def raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
             "it cannot be clipped. To disable this error and scale the gradients by the non-finite "
             "norm anyway, set `error_if_nonfinite=False`"
         )
+
+
+def per_param_norms(
+    plan: list[Group], norm_type: float, grads: list[Tensor], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(total, per_param) of `grads` planned as `plan`: one `{b}_per_param_norms` op per group.
+
+    `total` is bitwise what `total_norm(plan, ...)` returns; `per_param` holds one norm per
+    gradient in the order of `grads`, in the norm dtype, on `device`. No host sync.
+    """
+    results = [ops.op(group.backend, "per_param_norms")(group.grads, norm_type) for group in plan]
+    return _total_and_in_order(results, plan, norm_type, grads, device)
+
+
+def clip_grad_norm_per_param_(
+    plan: list[Group], max_norm: float, norm_type: float, grads: list[Tensor], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """`per_param_norms`, then every group rescaled by the clip coefficient of the total (one
+    fused `{b}_clip_grad_norm_per_param_` op when the plan has one group). No host sync."""
+    if len(plan) == 1:
+        return ops.op(plan[0].backend, "clip_grad_norm_per_param_")(plan[0].grads, max_norm, norm_type)
+    total, per_param = per_param_norms(plan, norm_type, grads, device)
+    for group in plan:
+        ops.op(group.backend, "clip_grads_with_norm_")(group.grads, max_norm, total.to(group.grads[0].device))
+    return total, per_param
+
+
+def _total_and_in_order(
+    results: list[tuple[Tensor, Tensor]], plan: list[Group], norm_type: float, grads: list[Tensor], device
+) -> tuple[Tensor, Tensor]:
+    if len(results) == 1:  # the group's gradients are `grads` themselves
+        return results[0]
+    out_dtype = reference.norm_dtype(total.dtype for total, _ in results)
+    stacked = torch.stack([total.to(device=device, dtype=torch.float64) for total, _ in results])
+    total = reference.combine_norms(stacked, norm_type, out_dtype)  # as total_norm combines them
+    pieces = [per_param.to(device=device, dtype=out_dtype) for _, per_param in results]
+    # Where each gradient landed: groups keep the input order, a gradient listed twice lies twice
+    # in the same group, so the k-th occurrence of a tensor is its k-th entry there.
+    where: dict[int, list[tuple[int, int]]] = {}
+    for g_index, group in enumerate(plan):
+        for k, g in enumerate(group.grads):
+            where.setdefault(id(g), []).append((g_index, k))
+    seen: dict[int, int] = {}
+    locations = []
+    for g in grads:
+        n = seen.get(id(g), 0)
+        seen[id(g)] = n + 1
+        locations.append(where[id(g)][n])
+    return total, concat_in_order(pieces, locations)
+
+
+def concat_in_order(pieces: list[Tensor], locations: Iterable[tuple[int, int]]) -> Tensor:
+    """The 1-D tensor whose i-th entry is pieces[p][k] for the i-th (p, k) of `locations`.
+
+    One slice per run of consecutive entries of one piece, then one cat: no index tensor, so no
+    host-to-device copy (which would synchronise) and nothing data-dependent under torch.compile.
+    """
+    runs: list[list[int]] = []  # [piece, start, stop)
+    for p, k in locations:
+        if runs and runs[-1][0] == p and runs[-1][2] == k:
+            runs[-1][2] = k + 1
+        else:
+            runs.append([p, k, k + 1])
+    if not runs:
+        return pieces[0][:0]
+    if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == pieces[runs[0][0]].numel():
+        return pieces[runs[0][0]]
+    return torch.cat([pieces[p][start:stop] for p, start, stop in runs])

@@ -1,0 +1,383 @@
+"""`gradclip.Clipper`: the object a training loop keeps (issue 14), and its `ClipStats`.
+
+    clipper = gradclip.Clipper(model.named_parameters(), max_norm=1.0)   # built once
+    for batch in data:
+        model(batch).backward()
+        stats = clipper.clip_()          # one fused op per device/backend group, no host sync
+        optimizer.step()
+        if step % 100 == 0:
+            log(stats.metrics())         # the one host sync, at the caller's cadence
+
+The clipper holds the parameter list and its plan (which backend serves which parameters, decided
+once from the parameters' devices and dtypes, which their gradients share), so a call reads each
+`.grad`, issues the ops and records its history, with no generator walk and no re-planning.
+
+Extension points (issue 15 builds `step()` and the skip policies on them): `norms()` computes the
+norms without touching the gradients, `coefficient(total)` the clip coefficient, `observe(...)`
+the spike decision and the history update; `clip_()` is `norms + rescale` fused into one op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradclip import backends, labels, ops, reference, routing
+from gradclip import history as history_mod
+
+NONFINITE_POLICIES = ("propagate", "error", "skip")
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class ClipStats:
+    """What one clip did, as device tensors (nothing here has been read to the host).
+
+    - total_norm: 0-dim, the norm before clipping, exactly what torch.nn.utils.clip_grad_norm_ returns.
+    - clip_coef: 0-dim, the coefficient applied, min(max_norm / (total_norm + 1e-6), 1) as torch
+      computes it (1.0 when nothing was clipped; NaN when the norm is NaN).
+    - per_param_norms: 1-D, one norm per parameter in `Clipper.names` order (0 for a None grad),
+      or None when the clipper was built without per_param_norms=True.
+    - nonfinite: 0-dim bool, the norm is NaN or inf (some gradient holds a NaN or an inf).
+    - spike: 0-dim bool, the norm is a spike by the history rule (False without history).
+    - skipped: 0-dim bool, the step was skipped by a policy of issue 15 (False otherwise).
+    """
+
+    total_norm: Tensor
+    clip_coef: Tensor
+    per_param_norms: Tensor | None
+    nonfinite: Tensor
+    spike: Tensor
+    skipped: Tensor
+    names: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        """Host floats under the names trainers use, read in ONE device-to-host transfer.
+
+        grad_norm (before clipping, what torch returns and trainers log), grad_norm_clipped (the
+        norm after clipping: grad_norm * clip_coef), clip_coef, and with per-parameter norms
+        grad_norm/<name> for every parameter.
+        """
+        head = torch.stack([self.total_norm, self.total_norm * self.clip_coef, self.clip_coef]).to(
+            torch.float64
+        )
+        parts = [head]
+        if self.per_param_norms is not None:
+            parts.append(self.per_param_norms.to(device=head.device, dtype=torch.float64))
+        values = torch.cat(parts).cpu().tolist()  # the one transfer
+        out = {"grad_norm": values[0], "grad_norm_clipped": values[1], "clip_coef": values[2]}
+        if self.per_param_norms is not None:
+            out.update(zip((f"grad_norm/{n}" for n in self.names), values[3:], strict=True))
+        return out
+
+
+def _names_and_params(parameters: Any) -> tuple[list[str], list[Tensor]]:
+    if isinstance(parameters, Tensor):
+        parameters = [parameters]
+    items = list(parameters)
+    if not items:
+        raise ValueError(
+            "parameters is empty (an exhausted generator?); a Clipper needs the parameters it clips"
+        )
+    if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+        names, params = [n for n, _ in items], [p for _, p in items]
+    elif any(isinstance(x, tuple) for x in items):
+        raise TypeError(
+            "parameters must be all (name, tensor) pairs, as named_parameters() gives, or all tensors"
+        )
+    else:
+        names, params = [str(i) for i in range(len(items))], items
+    for name, p in zip(names, params, strict=True):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
+    if len(set(map(id, params))) != len(params):
+        seen: dict[int, str] = {}
+        for name, p in zip(names, params, strict=True):
+            if id(p) in seen:
+                raise ValueError(
+                    f"parameter {name!r} is the same tensor as {seen[id(p)]!r}; pass each parameter once"
+                )
+            seen[id(p)] = name
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"parameter name {dup!r} appears twice; names must be unique")
+    return names, params
+
+
+def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class Clipper:
+    """Clip the global gradient norm of a fixed set of parameters, step after step.
+
+    `parameters`: `model.named_parameters()` (names kept), or parameters / tensors (named "0",
+    "1", ...); each parameter once. `max_norm` and `norm_type` as in torch.nn.utils.clip_grad_norm_.
+    `per_param_norms=True` adds each parameter's norm, computed in the same pass. `backend` as in
+    the functional API. `history=N` keeps the last N steps on the device and flags spikes: a norm
+    above the mean of the previous `spike_window` finite norms by `spike_sigma` standard
+    deviations, once `spike_min_steps` are recorded (OLMo-core's defaults).
+
+    `nonfinite`, `max_consecutive_skips` and `skip_spikes` are the policies of issue 15: they are
+    validated here; only the default behaviour (nonfinite="propagate", no skipping: torch's) is
+    implemented so far.
+
+    Every method but `metrics()`, `report()`, `plot()` and `state_dict()` runs without a host
+    sync; `clip_()` works inside torch.compile(fullgraph=True).
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Tensor,
+        max_norm: float = 1.0,
+        norm_type: float = 2.0,
+        *,
+        per_param_norms: bool = False,
+        backend: str = "auto",
+        history: int = 0,
+        spike_sigma: float = 6.0,
+        spike_window: int = 128,
+        spike_min_steps: int = 64,
+        nonfinite: str = "propagate",
+        max_consecutive_skips: int | None = None,
+        skip_spikes: bool = False,
+    ) -> None:
+        names, params = _names_and_params(parameters)
+        self.max_norm = routing.check_bound(max_norm, "max_norm")
+        self.norm_type = routing.check_norm_type(norm_type)
+        if not isinstance(per_param_norms, bool):
+            raise TypeError(f"per_param_norms must be True or False, got {per_param_norms!r}")
+        requested = backends.requested(backend)  # raises on an unknown name
+        history = _positive_int(history, "history", minimum=0)
+        spike_sigma = float(spike_sigma)
+        if not (math.isfinite(spike_sigma) and spike_sigma >= 0):
+            raise ValueError(f"spike_sigma must be a finite number >= 0, got {spike_sigma}")
+        spike_window = _positive_int(spike_window, "spike_window", minimum=2)
+        spike_min_steps = _positive_int(spike_min_steps, "spike_min_steps", minimum=2)
+        if spike_min_steps > spike_window:
+            raise ValueError(
+                f"spike_min_steps ({spike_min_steps}) exceeds spike_window ({spike_window}): no spike could ever be flagged"
+            )
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if max_consecutive_skips is not None:
+            _positive_int(max_consecutive_skips, "max_consecutive_skips")
+        if not isinstance(skip_spikes, bool):
+            raise TypeError(f"skip_spikes must be True or False, got {skip_spikes!r}")
+        if skip_spikes and history == 0:
+            raise ValueError("skip_spikes=True needs history > 0 (spikes are judged on the recorded norms)")
+        if nonfinite != "propagate" or max_consecutive_skips is not None or skip_spikes:
+            raise NotImplementedError(
+                "nonfinite='error'/'skip', max_consecutive_skips and skip_spikes are the skip "
+                "policies of issue 15 (Clipper.step), not implemented yet; use the defaults "
+                "(nonfinite='propagate', max_consecutive_skips=None, skip_spikes=False)"
+            )
+        routing.check_grads(params)  # a gradient has its parameter's dtype and layout
+        self.names: tuple[str, ...] = tuple(names)
+        self.per_param_norms = per_param_norms
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skip_spikes = skip_spikes
+        self._params = params
+        self._distributed = routing.across_ranks(params, None)
+        self.device = params[0].device
+        # The plan, from the parameters (a gradient has its parameter's device and dtype):
+        # (backend, indices) per group; resolving it here also rejects an unusable backend now.
+        if self._distributed:
+            self._plan: list[tuple[str, list[int]]] = []
+        else:
+            index = {id(p): i for i, p in enumerate(params)}
+            self._plan = [
+                (g.backend, [index[id(p)] for p in g.grads])
+                for g in routing.plan(params, self.norm_type, requested)
+            ]
+        self._whole = len(self._plan) == 1  # one group holding every parameter, in order
+        out_dtype = reference.norm_dtype(routing.each("dtype", params))
+        self._false = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._zero = torch.zeros((), dtype=out_dtype, device=self.device)
+        self.history: history_mod.History | None = None
+        if history:
+            self.history = history_mod.History(
+                history,
+                len(params),
+                per_param_norms,
+                self.device,
+                spike_sigma,
+                spike_window,
+                spike_min_steps,
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"Clipper({len(self.names)} parameters, max_norm={self.max_norm}, norm_type={self.norm_type}, "
+            f"per_param_norms={self.per_param_norms}, backend={self.backend!r}, "
+            f"history={self.history.size if self.history else 0})"
+        )
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        """The parameters, in `names` order (the list itself: do not modify it)."""
+        return self._params
+
+    # -- the per-step path -------------------------------------------------------------------
+
+    def _grads(self) -> tuple[list[Tensor | None], bool]:
+        grads = list(routing.each("grad", self._params))
+        if torch.compiler.is_compiling():
+            return grads, all(g is not None for g in grads)
+        # `None in grads` would call Tensor.__eq__ per entry (~15 us each); this is C-level identity.
+        return grads, all(map(operator.is_not, grads, itertools.repeat(None)))
+
+    def _run(self, clip: bool) -> tuple[Tensor, Tensor | None]:
+        """(total, per_param or None) of the current gradients; rescaled in place when `clip`."""
+        grads, complete = self._grads()
+        want = self.per_param_norms
+        max_norm, norm_type = self.max_norm, self.norm_type
+        if complete and self._whole and not self._distributed:  # the fast path: one op
+            backend = self._plan[0][0]
+            if want:
+                name = "clip_grad_norm_per_param_" if clip else "per_param_norms"
+                args = (grads, max_norm, norm_type) if clip else (grads, norm_type)
+                return ops.op(backend, name)(*args)
+            if clip:
+                return ops.op(backend, "clip_grad_norm_")(grads, max_norm, norm_type), None
+            return ops.op(backend, "total_norm")(grads, norm_type), None
+        present = [g for g in grads if g is not None]
+        if not present:
+            zeros = self._zero.new_zeros(len(grads)) if want else None
+            return self._zero.clone(), zeros
+        if self._distributed:
+            from gradclip import distributed  # noqa: PLC0415 (only across ranks)
+
+            if want or not clip:
+                fn = distributed.clip_grad_norm_per_param_ if clip else distributed.per_param_norms
+                args = (present, max_norm, norm_type) if clip else (present, norm_type)
+                total, per = fn(*args, self.backend)
+            else:
+                total, per = (
+                    distributed.clip_grad_norm_(present, max_norm, norm_type, False, self.backend),
+                    None,
+                )
+        else:
+            groups = [
+                routing.Group(b, [grads[i] for i in idx if grads[i] is not None]) for b, idx in self._plan
+            ]
+            plan = [g for g in groups if g.grads]
+            device = present[0].device
+            if want:
+                fn = routing.clip_grad_norm_per_param_ if clip else routing.per_param_norms
+                args = (plan, max_norm, norm_type) if clip else (plan, norm_type)
+                total, per = fn(*args, present, device)
+            else:
+                total, per = routing.total_norm(plan, norm_type, device), None
+                if clip:
+                    for g in plan:
+                        ops.op(g.backend, "clip_grads_with_norm_")(
+                            g.grads, max_norm, total.to(g.grads[0].device)
+                        )
+        if per is not None and len(present) != len(grads):  # zeros for the None grads, in order
+            pieces = [per, per.new_zeros(len(grads) - len(present))]
+            present_k, missing_k = itertools.count(), itertools.count()
+            locations = [(1, next(missing_k)) if g is None else (0, next(present_k)) for g in grads]
+            per = routing.concat_in_order(pieces, locations)
+        return total, per
+
+    def norms(self) -> tuple[Tensor, Tensor | None]:
+        """(total_norm, per_param_norms or None) of the current gradients, which are not modified.
+
+        Same ops and guarantees as `clip_()` without the rescale; no history is recorded.
+        """
+        with torch.no_grad():
+            return self._run(clip=False)
+
+    def coefficient(self, total: Tensor) -> Tensor:
+        """min(max_norm / (total + 1e-6), 1) on the device, as torch computes it (NaN stays NaN)."""
+        return reference.clip_coefficient(self.max_norm, total)
+
+    def observe(self, total: Tensor, coef: Tensor, per_param: Tensor | None, nonfinite: Tensor) -> Tensor:
+        """Judge `total` by the spike rule and record the step in the history; returns `spike`
+        (0-dim bool on the device; always False without history). No host sync."""
+        if self.history is None:
+            return self._false
+        spike = self.history.is_spike(total)
+        self.history.record(total, coef, per_param, spike, nonfinite)
+        return spike
+
+    def clip_(self) -> ClipStats:
+        """Clip the current gradients in place, exactly as torch.nn.utils.clip_grad_norm_ with this
+        clipper's max_norm and norm_type would (a None grad counts as zero and is not touched).
+
+        One fused op per device/backend group (one kernel launch on the GPU backends, the norm
+        and the per-parameter norms from the same pass), then a few scalar device ops for the
+        coefficient and, with history, the record. No host sync; works under
+        torch.compile(fullgraph=True). Returns the step's ClipStats (device tensors).
+        """
+        if not torch.compiler.is_compiling() and labels.recording():
+            with labels.region("gradclip.Clipper.clip_", self.device.type):
+                return self._clip()
+        return self._clip()
+
+    def _clip(self) -> ClipStats:
+        with torch.no_grad():
+            total, per_param = self._run(clip=True)
+            coef = self.coefficient(total)
+            nonfinite = torch.logical_not(torch.isfinite(total))
+            spike = self.observe(total, coef, per_param, nonfinite)
+        return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clipper's configuration and history (device tensors, cloned), for checkpoints."""
+        state: dict[str, Any] = {
+            "version": _STATE_VERSION,
+            "names": list(self.names),
+            "max_norm": self.max_norm,
+            "norm_type": self.norm_type,
+            "per_param_norms": self.per_param_norms,
+        }
+        if self.history is not None:
+            state["history"] = self.history.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state_dict() of a clipper over the same parameters (same names, history size,
+        per_param_norms, spike_window), so a resumed run continues exactly: same spike decisions,
+        same report. Everything is checked before anything is modified (ValueError otherwise).
+        max_norm and norm_type are this clipper's own (construct it with the values you want)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state_dict version {state.get('version')!r}, expected {_STATE_VERSION}")
+        if list(state.get("names", ())) != list(self.names):
+            raise ValueError("state_dict['names'] differs from this clipper's parameter names")
+        saved = state.get("history")
+        if (saved is None) != (self.history is None):
+            has = "has" if saved is not None else "has no"
+            raise ValueError(
+                f"state_dict {has} history, this clipper was built with history={bool(self.history)}"
+            )
+        if self.history is not None:
+            self.history.load_state_dict(saved)
+
+    # -- host-side views ----------------------------------------------------------------------
+
+    def report(self, top: int = 10) -> str:
+        """A text summary of the recorded history (needs history > 0); one host transfer."""
+        from gradclip import report  # noqa: PLC0415 (host-side, imported on use)
+
+        return report.text(self, top=top)
+
+    def plot(self, path: str) -> str:
+        """Write a PNG of the recorded history to `path` (needs matplotlib); returns `path`."""
+        from gradclip import report  # noqa: PLC0415
+
+        return report.plot(self, path)
