@@ -191,10 +191,17 @@ def plain_step(
     """
     if skip is not None and bool(skip):  # host sync, documented: skipping a non-fused step
         return None
-    if factor is not None and grads:
-        for group in _by_device_dtype(grads):
-            torch._foreach_mul_(group, factor.to(group[0].device))
+    if factor is not None:
+        scale_(grads, factor)
     return optimizer.step()
+
+
+def scale_(grads: list[Tensor], factor: Tensor) -> None:
+    """Multiply every gradient in place by the 0-dim device tensor `factor` (no host sync): one
+    foreach call per device/dtype, multiplying in fp32 (fp64 for fp64) and rounding once, as
+    torch's clip_grads_with_norm_ does. A factor of exactly 1 leaves the bits unchanged."""
+    for group in _by_device_dtype(grads):
+        torch._foreach_mul_(group, factor.to(group[0].device))
 
 
 def _by_device_dtype(grads: list[Tensor]) -> list[list[Tensor]]:

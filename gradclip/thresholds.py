@@ -297,12 +297,19 @@ class AGC:
                 out[i] = n
         return out  # type: ignore[return-value]
 
-    def clip_(self, params: list[Tensor], grads: list[Tensor], inv_scale: Tensor | None = None) -> Tensor:
+    def clip_(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        inv_scale: Tensor | None = None,
+        skip: Tensor | None = None,
+    ) -> Tensor:
         """Clip `grads` (of `params`, same order, already filtered by `selects`) in place, unit-wise.
 
         With `inv_scale` the gradients are scaled by a GradScaler: units are compared at
         `inv_scale * ||G_u||` and the gradients stay scaled (the optimizer unscales them). Returns
-        the smallest coefficient applied (0-dim fp32, 1.0 when nothing was clipped). No host sync.
+        the smallest coefficient applied (0-dim fp32, 1.0 when nothing was clipped). Where `skip`
+        (a 0-dim bool) is True nothing is rescaled (coefficients 1). No host sync.
         """
         if len(params) != len(grads):
             raise ValueError("params and grads must have the same length")
@@ -316,7 +323,8 @@ class AGC:
                 if inv_scale is not None:
                     gn = gn * inv_scale.to(device=gn.device, dtype=gn.dtype)
                 max_norm = wn.clamp(min=self.eps) * self.clip_factor
-                coef = torch.where(gn < max_norm, torch.ones_like(gn), max_norm / gn.clamp(min=1e-6))
+                keep = gn < max_norm if skip is None else (gn < max_norm) | skip.to(gn.device)
+                coef = torch.where(keep, torch.ones_like(gn), max_norm / gn.clamp(min=1e-6))
                 g.mul_(coef)
                 smallest.append(coef.amin().to(device=grads[0].device, dtype=torch.float32))
             return torch.stack(smallest).amin()
