@@ -1,6 +1,6 @@
 """A whole optimizer step, clip + fused AdamW: torch's sequence against `gradclip.Clipper.step`.
 
-    python -m bench.optimizer_step [--workload gpt2-124M] [--device cpu|cuda] [--reps 7] [--out DIR]
+    python -m gradclip.bench.optimizer_step [--workload gpt2-124M] [--device cpu|cuda] [--reps 7] [--out DIR]
 
 Providers, in one run, on the same fp32 gradients (restored before every timed step, untimed),
 with clipping active (max_norm far below the norm, so every step rescales):
@@ -34,7 +34,8 @@ import time
 import torch
 
 import gradclip
-from bench import workloads
+
+from . import workloads
 
 MAX_NORM = 1e-3  # random normal gradients have norms in the thousands: every step clips
 SCALE = 1024.0

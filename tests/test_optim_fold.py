@@ -424,3 +424,24 @@ def test_user_unscaled_first_is_honoured():
     s1.update()
     torch_step(m2, o2, s2)
     assert_same_step((m1, o1, s1), (m2, o2, s2))
+
+
+def test_bench_gate_and_a_tiny_run(tmp_path, monkeypatch):
+    """bench/optimizer_step.py: its correctness gate passes and a tiny run writes its JSON."""
+    import importlib
+    import json
+    import os
+    import sys
+
+    try:
+        bench = importlib.import_module("gradclip.bench.optimizer_step")
+    except ImportError:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        bench = importlib.import_module("bench.optimizer_step")
+    tiny = bench.workloads.Workload("tiny", ((64, 32), (32,), (300,)))
+    assert bench.gate(tiny, torch.device("cpu")) == []
+    monkeypatch.setattr(bench.workloads, "named", lambda name: tiny)
+    assert bench.main(["--reps", "2", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "optimizer_step_cpu.json").read_text())
+    assert set(data["results"]) == set(bench.PASSES)
+    assert data["results"]["gradclip"]["grad_passes"] == 3
