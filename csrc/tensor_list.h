@@ -180,6 +180,24 @@ inline int count_nonempty(const HostTensor* tensors, int count) {
 
 inline bool fits_inline(int nonempty) { return nonempty <= kInlineCapacity; }
 
+// The table of the per-parameter kernels (issue 14): like plan_table, but every tensor keeps its
+// entry, empty ones included (numel 0, no chunks), so entry i is input tensor i and per-tensor
+// results land in input order. find_tensor still answers a non-empty tensor for every chunk: an
+// empty tensor's first_chunk equals the next entry's, find_tensor returns the LAST entry with
+// first_chunk <= chunk, and trailing empties start at total_chunks, above every chunk.
+inline int plan_table_keep_empty(const HostTensor* tensors, int count, TensorRef* refs, uint8_t* dtypes,
+                                 int64_t* total_chunks) {
+  int64_t chunk = 0;
+  for (int i = 0; i < count; ++i) {
+    const int64_t numel = tensors[i].numel > 0 ? tensors[i].numel : 0;
+    refs[i] = TensorRef{tensors[i].ptr, numel, chunk};
+    dtypes[i] = static_cast<uint8_t>(tensors[i].dtype);
+    chunk += chunks_of(numel);
+  }
+  *total_chunks = chunk;
+  return count;
+}
+
 // Persistent grid: min(sm_count * blocks_per_sm, kMaxGrid, total_chunks), at least 1. For a
 // cooperative launch blocks_per_sm must not exceed the occupancy API's answer, so every block is
 // co-resident and the grid barrier cannot deadlock. `wanted_per_sm` caps the occupancy (2 blocks

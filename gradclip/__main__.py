@@ -1,4 +1,4 @@
-"""`python -m gradclip {info,demo,bench}`."""
+"""`python -m gradclip {info,demo,bench,profile}`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions and available backends")
     sub.add_parser("demo", help="train a small LSTM three ways: no clipping, torch, gradclip", add_help=False)
     sub.add_parser("bench", help="benchmark gradclip against torch", add_help=False)
+    sub.add_parser(
+        "profile",
+        help="what clipping costs in a training step (torch vs gradclip), trace and report",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return info()
@@ -45,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from gradclip import demo
 
         return demo.main(rest)
+    if args.command == "profile":
+        from gradclip import profile
+
+        return profile.main(rest)
     from gradclip import bench
 
     return bench.main(rest)

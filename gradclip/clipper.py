@@ -445,6 +445,17 @@ class Clipper:
             spike = self.observe(total, coef, per_param, nonfinite)
         return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
 
+    def measure(self) -> ClipStats:
+        """Record the current gradients' norms without clipping them (clip_coef is 1): telemetry
+        for an unclipped run, or for a step whose gradients some other code clips. Same ops as
+        `norms()`, then the history record; no host sync."""
+        with torch.no_grad():
+            total, per_param = self._run(clip=False)
+            coef = torch.ones_like(total)
+            nonfinite = torch.logical_not(torch.isfinite(total))
+            spike = self.observe(total, coef, per_param, nonfinite)
+        return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
+
     # -- issue 15: the optimizer step, skip policies, threshold policies ------------------------
 
     def _skip_policy(self) -> bool:
@@ -584,7 +595,7 @@ class Clipper:
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "names": list(self.names),
-            "max_norm": self.max_norm,
+            "max_norm": self.max_norm if self._policy is None else repr(self._policy),
             "norm_type": self.norm_type,
             "per_param_norms": self.per_param_norms,
         }

@@ -125,6 +125,62 @@ def plot(runs: list[dict], path: str) -> bool:
     return True
 
 
+# -- Telemetry view (issue 14): which layer explodes, and when ------------------------------------
+
+
+def explosion_view(args, device: torch.device, steps: int, out_dir: str) -> dict:
+    """Re-run the first `steps` of the unclipped training with a Clipper that only measures
+    (per-parameter norms and history, gradients untouched), then print the per-layer norms
+    around the step where the norm explodes, the Clipper's report, and write its plot."""
+    torch.manual_seed(args.seed)
+    model = AddingModel(args.hidden).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    clipper = gradclip.Clipper(
+        model.named_parameters(), max_norm=args.max_norm, per_param_norms=True, history=steps
+    )
+    for _ in range(steps):
+        x, y = adding_batch(args.batch, args.length, generator, device)
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clipper.measure()  # no host sync, no clipping: the unclipped run, observed
+        optimizer.step()
+    snap = clipper.history.snapshot()  # the one read of the whole history
+    norms = snap["norm"]
+    first_nonfinite = next((i for i, n in enumerate(norms) if not math.isfinite(n)), None)
+    # the explosion: the first step whose norm is 100x the first step's (or the first non-finite one)
+    explode = next((i for i, n in enumerate(norms) if not (n < 100 * norms[0])), None)
+    print(f"\nTelemetry of the unclipped run (gradclip.Clipper, per-parameter norms, first {steps} steps):")
+    if explode is None:
+        print(f"  the norm stayed below 100x its first value for {steps} steps: no explosion to show")
+        return {"explode_step": None, "first_nonfinite": None}
+    shown = list(range(max(0, explode - 2), min(len(norms), explode + 4)))
+    if first_nonfinite is not None and first_nonfinite not in shown:
+        shown += [first_nonfinite]
+    width = max(len(n) for n in clipper.names) + 2
+    print(f"  {'step':<{width}}" + "".join(f"{s:>10d}" for s in shown))
+    print(f"  {'total':<{width}}" + "".join(f"{norms[s]:>10.3g}" for s in shown))
+    for j, name in enumerate(clipper.names):
+        print(f"  {name:<{width}}" + "".join(f"{snap['per_param'][s][j]:>10.3g}" for s in shown))
+    row = snap["per_param"][explode]
+    culprit = clipper.names[max(range(len(row)), key=lambda j: row[j] if math.isfinite(row[j]) else math.inf)]
+    print(
+        f"  the norm explodes at step {explode} (max_norm {args.max_norm} would have clipped it), "
+        f"led by {culprit}"
+        + (f"; it is non-finite from step {first_nonfinite}" if first_nonfinite is not None else "")
+    )
+    print("\n" + clipper.report(top=3))
+    try:
+        path = clipper.plot(os.path.join(out_dir, "telemetry.png"))
+        print(f"wrote {path}")
+    except ImportError as exc:
+        print(f"no telemetry plot: {exc}")
+    return {"explode_step": explode, "first_nonfinite": first_nonfinite, "culprit": culprit}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradclip demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -138,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="demo_out", help="folder for the PNG")
+    parser.add_argument(
+        "--telemetry-steps",
+        type=int,
+        default=40,
+        help="steps of the per-layer view of the unclipped run (0: skip)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -155,4 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.out, "demo.png")
     if plot(runs, path):
         print(f"wrote {path}")
+    if args.telemetry_steps > 0:
+        explosion_view(args, device, args.telemetry_steps, args.out)
     return 0

@@ -350,6 +350,84 @@ def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
         kernel[grid](*args, BLOCK=_config["block"], num_warps=NUM_WARPS)
 
 
+# --- per-parameter norms (issue 14) ----------------------------------------------------------------
+
+
+def _launch_per_param(
+    entry: _Table, norm: Tensor, per_param: Tensor, max_norm: float, norm_code: int, scale: bool
+) -> None:
+    """The fused kernel with per-tensor norms: one launch on the GPU (PHASE 0), two interpreted.
+
+    Per-tensor partial slots (fp64, T + P - 1) are allocated per call, like the outputs; every
+    slot the finish reads was written by this launch (poisoned with NaN under POISON_SCRATCH).
+    """
+    _kernel("clip_grad_norm", norm.device)  # the interpreter/device checks, and the module import
+    kernel = importlib.import_module("gradclip.triton_kernels.clip_grad_norm").clip_grad_norm_per_param_kernel
+    size = entry.num_tensors + entry.num_programs - 1
+    if POISON_SCRATCH:
+        tparts = torch.full((size,), math.nan, dtype=torch.float64, device=norm.device)
+    else:
+        tparts = torch.empty(size, dtype=torch.float64, device=norm.device)
+    args = (
+        entry.table,
+        entry.num_tensors,
+        entry.total_chunks,
+        entry.partials,
+        norm,
+        entry.sync,
+        float(max_norm),
+        entry.arrive_first,
+        tparts,
+        per_param,
+    )
+    meta = dict(
+        NORM=norm_code,
+        SCALE=scale,
+        REVERSE=REVERSE_RESCALE,
+        BLOCK=_config["block"],
+        P_POW2=entry.p_pow2,
+        num_warps=NUM_WARPS,
+    )
+    grid = (entry.num_programs,)
+    if entry.interpret:  # no grid barrier in the interpreter: the same code as two launches
+        kernel[grid](*args, PHASE=1, **meta)
+        kernel[grid](*args, PHASE=2, **meta)
+        return
+    with torch.cuda.device(norm.device):
+        kernel[grid](*args, PHASE=0, launch_cooperative_grid=True, maxnreg=_MAX_REGS, **meta)
+
+
+# Tests set this to fill the per-tensor partial slots with NaN, so a slot read unwritten shows.
+POISON_SCRATCH = False
+
+
+def _per_param(grads: list[Tensor], max_norm: float, norm_type: float, scale: bool) -> tuple[Tensor, Tensor]:
+    norm_code = _check_norm_type(norm_type)
+    entry = _table(grads) if norm_code is not None else None
+    if entry is None:
+        if scale:
+            return reference.clip_grad_norm_per_param_(grads, max_norm, norm_type)
+        return reference.per_param_norms(grads, norm_type)
+    norm = torch.empty((), dtype=torch.float32, device=grads[0].device)
+    per_param = torch.empty(len(grads), dtype=torch.float32, device=grads[0].device)
+    _launch_per_param(entry, norm, per_param, max_norm, norm_code, scale)
+    return norm, per_param
+
+
+def per_param_norms(grads: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    """(total, per_param): the total bitwise as `total_norm`, and each gradient's norm (fp32, input
+    order) from the same pass: one launch on the GPU, no host sync, no float atomics."""
+    return _per_param(grads, 0.0, norm_type, scale=False)
+
+
+def clip_grad_norm_per_param_(
+    grads: list[Tensor], max_norm: float, norm_type: float
+) -> tuple[Tensor, Tensor]:
+    """`clip_grad_norm_` (same norm, same rescale) that also returns each gradient's norm before
+    clipping: one launch on the GPU."""
+    return _per_param(grads, max_norm, norm_type, scale=True)
+
+
 # --- registration ----------------------------------------------------------------------------------
 
 _lib = torch.library.Library("gradclip", "IMPL")  # noqa: TOR901 (kept alive for the process)
@@ -358,6 +436,8 @@ for _name, _fn in {
     "clip_grad_norm_": clip_grad_norm_,
     "clip_grads_with_norm_": clip_grads_with_norm_,
     "clip_grad_value_": clip_grad_value_,
+    "per_param_norms": per_param_norms,
+    "clip_grad_norm_per_param_": clip_grad_norm_per_param_,
 }.items():
     for _key in ("CUDA", "CPU"):
         _lib.impl(f"triton_{_name}", _fn, _key)

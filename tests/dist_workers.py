@@ -503,3 +503,97 @@ def world1_nccl_worker(rank: int, world: int) -> None:
 
 
 world1_nccl_worker.uses_nccl = True
+
+
+# ------------------------------------------------------------------- per-parameter norms (issue 14)
+def _full_norms(full, norm_type: float) -> torch.Tensor:
+    return torch.tensor([fp64_norm([g], norm_type) if g.numel() else 0.0 for g in full], dtype=torch.float64)
+
+
+def per_param_worker(rank: int, world: int) -> None:
+    """Per-parameter norms across 2 ranks: the norm of each FULL parameter, identical on every rank,
+    from the same one collective per process group as the total; NaN/inf localised to its entry."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    from gradclip import distributed
+
+    assert world == 2
+    mesh = init_device_mesh("cpu", (world,))
+    layouts = [
+        (mesh, [Shard(0)], (7, 3)),  # uneven shards
+        (mesh, [Replicate()], (4,)),  # replicated: not summed over the ranks
+        (mesh, [Shard(1)], (2, 5)),
+        (mesh, [Shard(0)], (1, 3)),  # rank 1 holds an empty shard
+        (mesh, [Shard(0)], (0,)),  # empty everywhere
+    ]
+    for norm_type in (2.0, 1.0, INF, 3.0):
+        full, grads = _dtensor_grads(layouts, seed=11)
+        plain = torch.randn(6, generator=torch.Generator().manual_seed(5))  # the same on every rank
+        tensors = [*grads[:2], plain, *grads[2:]]
+        want = _full_norms([*full[:2], plain, *full[2:]], norm_type)
+        with count_collectives() as counts:
+            per_param = gradclip.per_param_norms(tensors, norm_type)
+        assert counts == {"python": 1, "dispatch": 1}, counts  # the one all_reduce of the total
+        assert type(per_param) is torch.Tensor and per_param.dtype == torch.float32, per_param
+        torch.testing.assert_close(per_param.double(), want, rtol=NORM_RTOL, atol=0)
+        assert_same_on_every_rank(per_param)
+        total, again = distributed.per_param_norms(tensors, norm_type, "auto")
+        assert torch.equal(again, per_param)
+        assert torch.equal(total, gradclip.get_total_norm(tensors, norm_type))  # the total, bitwise
+
+        # The clip variant: the same gradients as clip_grad_norm_, norms from before clipping.
+        _, theirs = _dtensor_grads(layouts, seed=11)
+        with count_collectives() as counts:
+            total, per_param = distributed.clip_grad_norm_per_param_(grads, 0.3, norm_type, "auto")
+        assert counts["python"] == 1, counts
+        expected_total = gradclip.clip_grad_norm_([_param(g) for g in theirs], 0.3, norm_type)
+        assert torch.equal(total, expected_total)
+        torch.testing.assert_close(per_param.double(), _full_norms(full, norm_type), rtol=NORM_RTOL, atol=0)
+        for ours, ref in zip(grads, theirs, strict=True):
+            assert torch.equal(ours._local_tensor, ref._local_tensor)
+
+    # process_group (pipeline stages): each rank's own tensors, not summed over the group; with
+    # DTensors sharded over the mesh as well, their entries are reduced over the mesh group only.
+    # Two distinct groups: two collectives, as for the total.
+    pieces = _pieces(4, seed=rank)  # different tensors on each rank
+    with count_collectives() as counts:
+        per_param = gradclip.per_param_norms(pieces, 2.0, process_group=dist.group.WORLD)
+    assert counts["python"] == 1, counts
+    torch.testing.assert_close(per_param.double(), _full_norms(pieces, 2.0), rtol=NORM_RTOL, atol=0)
+    total, _ = distributed.per_param_norms(pieces, 2.0, "auto", dist.group.WORLD)
+    assert torch.equal(total, gradclip.get_total_norm(pieces, 2.0, process_group=dist.group.WORLD))
+    pipeline = dist.new_group([0, 1])
+    full, grads = _dtensor_grads(layouts[:3], seed=12)
+    with count_collectives() as counts:
+        per_param = gradclip.per_param_norms([*grads, *pieces], 2.0, process_group=pipeline)
+    assert counts["python"] == 2, counts
+    want = _full_norms([*full, *pieces], 2.0)
+    torch.testing.assert_close(per_param.double(), want, rtol=NORM_RTOL, atol=0)
+
+    # Non-finite values in one rank's shard: that parameter's entry only, on every rank.
+    for bad in (math.nan, math.inf):
+        for norm_type in (2.0, INF):
+            full, grads = _dtensor_grads(layouts[:3], seed=13)
+            if rank == 1:
+                grads[0]._local_tensor[0, 0] = bad
+            else:
+                grads[0]._local_tensor[0, 0] = 3e38  # a MAX that dropped the NaN would show 3e38
+            per_param = gradclip.per_param_norms(grads, norm_type)
+            gathered = [torch.empty_like(per_param) for _ in range(world)]
+            dist.all_gather(gathered, per_param)
+            assert all(torch.equal(g.isnan(), per_param.isnan()) for g in gathered), gathered
+            assert all(torch.equal(g.nan_to_num(), per_param.nan_to_num()) for g in gathered), gathered
+            assert (per_param[0].isnan() if math.isnan(bad) else per_param[0].isinf()).item(), per_param
+            assert per_param[1:].isfinite().all(), per_param
+
+    # A Partial gradient (unreduced): the norm of its reduced sum, at one redistribute more.
+    gen = torch.Generator().manual_seed(7)
+    parts = [torch.randn(4, 6, generator=gen) for _ in range(world)]
+    partial = DTensor.from_local(parts[rank].clone(), mesh, [Partial()], run_check=False)
+    full, grads = _dtensor_grads(layouts[:1], seed=14)
+    with count_collectives() as counts:
+        per_param = gradclip.per_param_norms([grads[0], partial], 2.0)
+    assert counts["dispatch"] == 2, counts
+    want = _full_norms([full[0], parts[0] + parts[1]], 2.0)
+    torch.testing.assert_close(per_param.double(), want, rtol=NORM_RTOL, atol=0)

@@ -56,6 +56,12 @@ def test_world_size_one_nccl_smoke():
     w.launch(w.world1_nccl_worker, 1)
 
 
+def test_per_param_norms_of_full_params_in_the_same_collective():
+    """Per-parameter norms of DTensor (sharded, replicated, empty, Partial) and process_group
+    tensors on 2 ranks: full-parameter norms, identical on every rank, one collective per group."""
+    w.launch(w.per_param_worker, 2)
+
+
 def test_a_wrong_norm_is_caught():
     """The comparison helpers can fail: a norm off by 1e-4 relative is rejected."""
     with pytest.raises(AssertionError):

@@ -309,6 +309,149 @@ def test_comparison_can_fail(interp):
         check_norm(norm * (1 + 1e-5), grads, 2.0)
 
 
+# --- interpreter: per-parameter norms from the same pass (issue 14) ------------------------------
+
+
+@pytest.fixture
+def per_param(interp, monkeypatch):
+    monkeypatch.setattr(interp, "POISON_SCRATCH", True)  # an unwritten per-tensor slot reads NaN
+    return interp
+
+
+def expected_per_param(grads, p):
+    return torch.tensor([fp64_norm([g], p) for g in grads], dtype=torch.float64)
+
+
+def check_per_param(per_param, grads, p):
+    assert per_param.dtype == torch.float32 and per_param.shape == (len(grads),)
+    torch.testing.assert_close(
+        per_param.double(), expected_per_param(grads, p), equal_nan=True, **widest_tol(NORM_TOL, grads)
+    )
+
+
+PER_PARAM_GRID = SHAPE_GRID | {
+    "empty-first-last-and-between-programs": [(0,), (BLOCK * 2,), (0,), (0,), (BLOCK + 1,), (3,), (0,)],
+    "one-tensor-over-every-program": [(BLOCK * PROGRAMS * 2 + 1,)],
+}
+
+
+@pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "pinf"])
+@pytest.mark.parametrize("shapes", PER_PARAM_GRID.values(), ids=PER_PARAM_GRID.keys())
+def test_per_param_shape_grid(per_param, shapes, p):
+    if len(shapes) == 2000 and p != 2.0:
+        pytest.skip("2000-tiny once")
+    dtypes = (DTYPE_CASES["mixed"] * (len(shapes) // 5 + 1))[: len(shapes)]
+    grads = make_grads(shapes, dtypes, scale=2.0)
+    grads = [g * (1 + i % 7) for i, g in enumerate(grads)]  # per-tensor norms that differ
+    total, norms = per_param.per_param_norms(grads, p)
+    check_per_param(norms, grads, p)
+    if per_param._table(grads) is not None:
+        assert torch.equal(total, per_param.total_norm(grads, p))  # bitwise the norm-only kernel's
+    original = [g.clone() for g in grads]
+    expected = [g.clone() for g in grads]
+    expected_total = per_param.clip_grad_norm_(expected, 0.5, p)
+    total, norms = per_param.clip_grad_norm_per_param_(grads, 0.5, p)
+    assert torch.equal(total, expected_total)
+    check_per_param(norms, original, p)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.equal(bits(g), bits(e))  # rescaled exactly as clip_grad_norm_
+
+
+@pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "pinf"])
+@pytest.mark.parametrize("dtypes", DTYPE_CASES.values(), ids=DTYPE_CASES.keys())
+def test_per_param_parity_and_no_clip_bits(per_param, dtypes, p):
+    grads = make_grads(SHAPES, dtypes, scale=3.0)
+    before = [bits(g) for g in grads]
+    total, norms = per_param.clip_grad_norm_per_param_(grads, 1e9, p)
+    check_per_param(norms, grads, p)
+    check_norm(total, grads, p)
+    assert all(torch.equal(bits(g), b) for g, b in zip(grads, before, strict=True))
+
+
+@pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "pinf"])
+@pytest.mark.parametrize("values", NONFINITE.values(), ids=NONFINITE.keys())
+def test_per_param_nonfinite_in_its_own_entry_only(per_param, values, p):
+    grads = make_grads([(BLOCK + 3,), (5,), (BLOCK * 2,), (7,)], torch.float16)
+    grads[2][BLOCK + 1 : BLOCK + 4] = torch.tensor(values, dtype=torch.float16)  # in its second chunk
+    total, norms = per_param.per_param_norms(grads, p)
+    expected = torch.stack([torch.linalg.vector_norm(g.double(), p) for g in grads])  # torch's propagation
+    torch.testing.assert_close(norms.double(), expected, equal_nan=True, **NORM_TOL[torch.float16])
+    assert (~norms.isfinite()).tolist() == [False, False, True, False]
+    assert torch.equal(total, per_param.total_norm(grads, p)) or (
+        total.isnan() and per_param.total_norm(grads, p).isnan()
+    )
+
+
+def test_per_param_overflow_safe(per_param):
+    grads = [torch.full((4,), 60000.0, dtype=torch.float16), torch.tensor([3e38, 1e37, -2e37]), torch.ones(3)]
+    for p in NORMS:
+        _, norms = per_param.per_param_norms(grads, p)
+        assert norms.isfinite().all(), p
+        check_per_param(norms, grads, p)
+
+
+def test_per_param_is_bitwise_reproducible_and_reads_only_written_slots(per_param):
+    grads = make_grads(PER_PARAM_GRID["more-tensors-than-a-program-share"], torch.float32)
+    first = per_param.per_param_norms(grads, 2.0)
+    second = per_param.per_param_norms(grads, 2.0)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert first[1].isfinite().all()  # POISON_SCRATCH: a slot read unwritten would be NaN here
+
+
+def test_per_param_comparison_can_fail(per_param):
+    grads = make_grads(SHAPES, torch.float32)
+    _, norms = per_param.per_param_norms(grads, 2.0)
+    wrong = norms.clone()
+    wrong[3] *= 1 + 1e-5
+    with pytest.raises(AssertionError):
+        check_per_param(wrong, grads, 2.0)
+
+
+def test_per_param_public_api_orders_groups(per_param, monkeypatch):
+    """gradclip.per_param_norms on triton: one op per group, entries in input order, and with
+    fp64 tensors (served by the reference) interleaved, the groups scattered back in order."""
+    from gradclip import backends
+
+    grads = make_grads(SHAPES, DTYPE_CASES["mixed"], scale=2.0)
+    assert torch.equal(
+        gradclip.per_param_norms(grads, backend="triton"), per_param.per_param_norms(grads, 2.0)[1]
+    )
+    mixed = [
+        grads[0],
+        torch.randn(9, dtype=torch.float64),
+        grads[1],
+        grads[2],
+        torch.randn(2, dtype=torch.float64),
+    ]
+    mixed.append(grads[3])
+    real_choose = backends.choose
+    monkeypatch.setattr(
+        backends,
+        "choose",
+        lambda b, d, dt, p: "triton" if dt in backends.KERNEL_DTYPES else real_choose(b, d, dt, p),
+    )
+    from gradclip import routing
+
+    plan = routing.plan(mixed, 2.0, "auto")
+    assert [(g.backend, len(g.grads)) for g in plan] == [("triton", 4), ("reference", 2)]
+    out = gradclip.per_param_norms(mixed)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected_per_param(mixed, 2.0), rtol=2e-6, atol=0)
+    total, _ = routing.per_param_norms(plan, 2.0, mixed, mixed[0].device)
+    assert torch.equal(total, gradclip.get_total_norm(mixed))
+
+
+@pytest.mark.parametrize("name", ["per_param_norms", "clip_grad_norm_per_param_"])
+@pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "pinf"])
+def test_per_param_opcheck(per_param, name, p):
+    from gradclip import ops
+
+    grads = make_grads([(3, 5), (7,), (), (BLOCK + 2,)], DTYPE_CASES["mixed"][:4], scale=3.0)
+    args = (grads, p) if name == "per_param_norms" else (grads, 0.5, p)
+    result = torch.library.opcheck(ops.op("triton", name), args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 # --- in this process, whatever the flavour --------------------------------------------------------
 
 
@@ -385,6 +528,46 @@ def test_kernels_compile_for_sm90(compiled, phase):
         assert "sqrt.rn.f64" in ptx
 
 
+@pytest.mark.parametrize("norm", [2, 1, 0], ids=["p2", "p1", "pinf"])
+@pytest.mark.parametrize("scale", [True, False], ids=["clip", "norm"])
+def test_per_param_kernel_compiles_for_sm90_without_spills(compiled, norm, scale):
+    """The per-parameter kernel as the backend launches it on the GPU (PHASE 0, cooperative, capped
+    registers): 16-byte loads, the barrier, and no register spills (ptxas -v); no GPU needed."""
+    import re
+
+    import triton
+    from gradclip.triton_kernels.clip_grad_norm import clip_grad_norm_per_param_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    sig = {"table_ptr": "*i64", "num_tensors": "i32", "total_chunks": "i32", "partials_ptr": "*fp64"}
+    sig |= {"norm_ptr": "*fp32", "sync_ptr": "*i32", "max_norm": "fp32", "arrive_first": "i32"}
+    sig |= {"tparts_ptr": "*fp64", "per_param_ptr": "*fp32"}
+    const = dict(NORM=norm, PHASE=0, SCALE=scale, REVERSE=True, BLOCK=4096, P_POW2=512)
+    src = ASTSource(clip_grad_norm_per_param_kernel, sig | dict.fromkeys(const, "constexpr"), const)
+    options = {"num_warps": 8, "launch_cooperative_grid": True, "maxnreg": _tb()._MAX_REGS}
+    try:
+        kernel = compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot compile for sm_90 here: {exc}")
+    ptx = kernel.asm["ptx"]
+    assert "ld.global.v4" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+    assert "atom.global.add.f" not in ptx and "red.global.add.f" not in ptx  # no float atomics
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("no ptxas in this triton install")
+    with open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gradclip_pp_{os.getpid()}.ptx"), "w") as f:
+        f.write(ptx)
+    out = subprocess.run(
+        [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
+    )
+    os.unlink(f.name)
+    assert out.returncode == 0, out.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out.stderr)]
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", out.stderr)]
+    assert spills and not any(spills) and registers and max(registers) <= _tb()._MAX_REGS, out.stderr
+
+
 # --- GPU: the fused one-launch path with its grid barrier, CUDA graphs ----------------------------
 
 
@@ -429,3 +612,33 @@ def test_cuda_graph_replay_after_in_place_changes(compiled):
         check_clipped(static, fresh, 1.0, 2.0)
         if fp64_norm(fresh, 2.0) + 1e-6 <= 1.0:
             assert all(torch.equal(bits(s), b) for s, b in zip(static, before, strict=True))
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "pinf"])
+def test_cuda_per_param_one_launch(compiled, p):
+    shapes = [*SHAPES, (3_000_001,), (0,), (4096 * 7,)] + [(3,)] * 2000
+    dtypes = (DTYPE_CASES["mixed"] * 500)[: len(shapes)]
+    grads = make_grads(shapes, dtypes, scale=3.0, device="cuda")
+    grads[-5][1] = math.nan
+    total, norms = compiled.per_param_norms(grads, p)
+    expected = torch.stack(
+        [
+            torch.linalg.vector_norm(g.double(), p) if g.numel() else g.new_zeros((), dtype=torch.float64)
+            for g in grads
+        ]
+    )
+    torch.testing.assert_close(norms.double(), expected, equal_nan=True, **NORM_TOL[torch.float16])
+    assert (~norms.isfinite()).nonzero().flatten().tolist() == [len(grads) - 5]
+    assert torch.equal(total, compiled.total_norm(grads, p)) or total.isnan()
+    for _ in range(50):
+        again = compiled.per_param_norms(grads, p)
+        assert torch.equal(again[1], norms)
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        compiled.clip_grad_norm_per_param_(grads[:-10], 1.0, p)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("clip_grad_norm_per_param_kernel" in n for n in names) == 1, names

@@ -83,8 +83,25 @@ def _accumulate(acc, x, NORM: tl.constexpr):
 
 
 @triton.jit
-def _partial(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, NORM: tl.constexpr, BLOCK: tl.constexpr):
-    """fp64 partial of chunks [c_lo, c_hi): sum x^2, sum |x| or max |x|."""
+def _partial(
+    table_ptr,
+    num_tensors,
+    c_lo,
+    c_hi,
+    t_first,
+    t_last,
+    tparts_ptr,
+    NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PER_PARAM: tl.constexpr,
+):
+    """fp64 partial of chunks [c_lo, c_hi): sum x^2, sum |x| or max |x|.
+
+    PER_PARAM: also the partial of each tensor t of the range, to tparts[pid + t]. It is kept in
+    a second per-lane accumulator, so the program's own partial takes exactly the same operations
+    as without PER_PARAM (the total stays bitwise the same).
+    """
+    pid = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     all_lanes = lanes < BLOCK  # an all-true mask: keeps the full-chunk loads vectorised
     acc = tl.zeros([BLOCK], dtype=tl.float64)
@@ -92,6 +109,7 @@ def _partial(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, NORM: tl.const
     while t <= t_last:
         addr, numel, tag, lo, hi = tensor_entry(table_ptr, num_tensors, t, c_lo, c_hi, BLOCK)
         aligned = (tag & TAG_ALIGNED16) != 0
+        acc_t = tl.zeros([BLOCK], dtype=tl.float64)
         for k in tl.static_range(3):
             if (tag & 3) == k:
                 ptr = addr.to(tl.pointer_type(elem_type(k)))
@@ -103,12 +121,62 @@ def _partial(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, NORM: tl.const
                     else:
                         x = tl.load(ptr + offs, mask=offs < numel, other=0.0)
                     acc = _accumulate(acc, x, NORM)
+                    if PER_PARAM:
+                        acc_t = _accumulate(acc_t, x, NORM)
                     c += 1
+        if PER_PARAM:
+            tl.store(tparts_ptr + pid + t, _reduce(acc_t, NORM))
         t += 1
+    return _reduce(acc, NORM)
+
+
+@triton.jit
+def _reduce(acc, NORM: tl.constexpr):
     if NORM == 0:
         return tl.reduce(acc, 0, _max_nan)
     else:
         return tl.sum(acc, 0)
+
+
+@triton.jit
+def _finish(total, NORM: tl.constexpr):
+    """The fp32 norm from a combined fp64 sum (p = 2, 1) or max (p = inf)."""
+    if NORM == 2:
+        total = tl.sqrt(total)  # fp64 sqrt: correctly rounded (sqrt.rn.f64)
+    return total.to(tl.float32)
+
+
+@triton.jit
+def _per_param_finish(
+    table_ptr,
+    num_tensors,
+    total_chunks,
+    tparts_ptr,
+    per_param_ptr,
+    NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    P_POW2: tl.constexpr,
+):
+    """Program p finishes tensors [p*T//P, (p+1)*T//P): per_param[t] from the slots tparts[q + t]
+    of the programs q that own its chunks, combined in one fixed tree order; 0 for an empty tensor.
+
+    Chunk c is owned by program ((c + 1) * P - 1) // C, the largest q with q*C//P <= c.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    nprog = tl.num_programs(0).to(tl.int64)
+    slots = tl.arange(0, P_POW2).to(tl.int64)
+    t = pid * num_tensors // nprog
+    t_end = (pid + 1) * num_tensors // nprog
+    while t < t_end:
+        numel = tl.load(table_ptr + num_tensors + t)
+        chunk0 = tl.load(table_ptr + 3 * num_tensors + t)
+        chunk_last = chunk0 + tl.cdiv(numel, BLOCK) - 1
+        q_lo = ((chunk0 + 1) * nprog - 1) // total_chunks
+        q_hi = ((chunk_last + 1) * nprog - 1) // total_chunks
+        mask = (slots >= q_lo) & (slots <= q_hi) & (numel > 0)
+        parts = tl.load(tparts_ptr + slots + t, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(per_param_ptr + t, _finish(_reduce(parts, NORM), NORM))
+        t += 1
 
 
 @triton.jit
@@ -143,28 +211,33 @@ def _rescale(
 
 
 @triton.jit
-def clip_grad_norm_kernel(
-    table_ptr,  # int64 tensor table (layout: gradclip/triton_backend.py)
-    num_tensors,  # T
-    total_chunks,  # C = sum over tensors of cdiv(numel, BLOCK)
-    partials_ptr,  # fp64 [P], one slot per program
-    norm_ptr,  # fp32 []: written by program 0 (PHASE 0/2), read (PHASE 3)
-    sync_ptr,  # int32 [1]: grid-barrier counter, never reset (PHASE 0)
-    max_norm,  # float
-    arrive_first,  # int32: program 0's barrier increment, 2^31 - (P - 1) mod 2^32
-    NORM: tl.constexpr,  # 0 = inf, 1, 2
+def _fused(
+    table_ptr,
+    num_tensors,
+    total_chunks,
+    partials_ptr,
+    norm_ptr,
+    sync_ptr,
+    max_norm,
+    arrive_first,
+    tparts_ptr,
+    per_param_ptr,
+    NORM: tl.constexpr,
     PHASE: tl.constexpr,
-    SCALE: tl.constexpr,  # rescale after the norm (clip) or not (norm only)
-    REVERSE: tl.constexpr,  # rescale walks chunks last-first
-    BLOCK: tl.constexpr,  # elements per chunk
-    P_POW2: tl.constexpr,  # next power of two >= P
+    SCALE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    P_POW2: tl.constexpr,
+    PER_PARAM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     c_lo, c_hi, t_first, t_last = program_range(table_ptr, num_tensors, total_chunks)
 
     if PHASE <= 1:
-        part = _partial(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, NORM, BLOCK)
+        part = _partial(
+            table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, tparts_ptr, NORM, BLOCK, PER_PARAM
+        )
         tl.store(partials_ptr + pid, part)
 
     if PHASE == 0:
@@ -190,8 +263,91 @@ def clip_grad_norm_kernel(
             norm = total.to(tl.float32)
             if pid == 0:
                 tl.store(norm_ptr, norm)
+            if PER_PARAM:
+                _per_param_finish(
+                    table_ptr, num_tensors, total_chunks, tparts_ptr, per_param_ptr, NORM, BLOCK, P_POW2
+                )
         if SCALE:
             # torch evaluates max_norm / (norm + 1e-6) as reciprocal(norm + 1e-6) * max_norm, in fp32.
             coef = tl.math.div_rn(1.0, norm + 1e-6) * tl.cast(max_norm, tl.float32)
             if (coef < 1.0) | (coef != coef):  # clipping (or NaN); when coef clamps to 1, write nothing
                 _rescale(table_ptr, num_tensors, c_lo, c_hi, t_first, t_last, coef, BLOCK, REVERSE)
+
+
+@triton.jit
+def clip_grad_norm_kernel(
+    table_ptr,  # int64 tensor table (layout: gradclip/triton_backend.py)
+    num_tensors,  # T
+    total_chunks,  # C = sum over tensors of cdiv(numel, BLOCK)
+    partials_ptr,  # fp64 [P], one slot per program
+    norm_ptr,  # fp32 []: written by program 0 (PHASE 0/2), read (PHASE 3)
+    sync_ptr,  # int32 [1]: grid-barrier counter, never reset (PHASE 0)
+    max_norm,  # float
+    arrive_first,  # int32: program 0's barrier increment, 2^31 - (P - 1) mod 2^32
+    NORM: tl.constexpr,  # 0 = inf, 1, 2
+    PHASE: tl.constexpr,
+    SCALE: tl.constexpr,  # rescale after the norm (clip) or not (norm only)
+    REVERSE: tl.constexpr,  # rescale walks chunks last-first
+    BLOCK: tl.constexpr,  # elements per chunk
+    P_POW2: tl.constexpr,  # next power of two >= P
+):
+    _fused(
+        table_ptr,
+        num_tensors,
+        total_chunks,
+        partials_ptr,
+        norm_ptr,
+        sync_ptr,
+        max_norm,
+        arrive_first,
+        partials_ptr,  # unused without PER_PARAM
+        norm_ptr,
+        NORM,
+        PHASE,
+        SCALE,
+        REVERSE,
+        BLOCK,
+        P_POW2,
+        False,
+    )
+
+
+@triton.jit
+def clip_grad_norm_per_param_kernel(
+    table_ptr,
+    num_tensors,
+    total_chunks,
+    partials_ptr,
+    norm_ptr,
+    sync_ptr,
+    max_norm,
+    arrive_first,
+    tparts_ptr,  # fp64 [T + P - 1]: slot pid + t holds program pid's partial of tensor t
+    per_param_ptr,  # fp32 [T]: the norm of each tensor, written in PHASE 0/2
+    NORM: tl.constexpr,
+    PHASE: tl.constexpr,  # 0, 1 or 2 (PHASE 3 has no norms to compute)
+    SCALE: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    P_POW2: tl.constexpr,
+):
+    """clip_grad_norm_kernel that also writes the norm of every tensor (see the module docstring)."""
+    _fused(
+        table_ptr,
+        num_tensors,
+        total_chunks,
+        partials_ptr,
+        norm_ptr,
+        sync_ptr,
+        max_norm,
+        arrive_first,
+        tparts_ptr,
+        per_param_ptr,
+        NORM,
+        PHASE,
+        SCALE,
+        REVERSE,
+        BLOCK,
+        P_POW2,
+        True,
+    )

@@ -21,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -179,7 +180,9 @@ ThreadBuffers& thread_buffers() {
 // outlives the launch). The guard is set only after gradient 0 is known to be a defined CUDA
 // tensor: constructing a CUDAGuard from grads[0].device() up front threw an unhelpful c10 error
 // ("Expected a CUDA device type") for a CPU or undefined first gradient.
-Prepared prepare(at::TensorList grads, bool mutates, c10::cuda::OptionalCUDAGuard& guard) {
+// keep_empty (per-parameter ops): the table keeps every tensor, empty ones included, so entry i is
+// gradient i (plan_table_keep_empty).
+Prepared prepare(at::TensorList grads, bool mutates, c10::cuda::OptionalCUDAGuard& guard, bool keep_empty = false) {
   Prepared prep;
   ThreadBuffers& buf = thread_buffers();
   buf.host.clear();
@@ -206,19 +209,20 @@ Prepared prepare(at::TensorList grads, bool mutates, c10::cuda::OptionalCUDAGuar
     buf.host.push_back(HostTensor{ptr, g.numel(), tag});
   }
   const int count = static_cast<int>(buf.host.size());
-  const int nonempty = count_nonempty(buf.host.data(), count);
+  const int entries = keep_empty ? count : count_nonempty(buf.host.data(), count);
+  const auto plan = keep_empty ? plan_table_keep_empty : plan_table;
   guard.set_device(prep.device);
   prep.stream = c10::cuda::getCurrentCUDAStream(prep.device.index()).stream();
   prep.capturing = stream_is_capturing(prep.stream);
-  if (fits_inline(nonempty)) {
+  if (fits_inline(entries)) {
     InlineTable& t = *buf.inline_table;
-    t.n = plan_table(buf.host.data(), count, t.refs, t.dtypes, &t.total_chunks);
+    t.n = plan(buf.host.data(), count, t.refs, t.dtypes, &t.total_chunks);
     prep.table.inline_table = &t;
   } else {
     buf.refs.resize(count);
     buf.dtypes.resize(count);
     int64_t total_chunks = 0;
-    const int n = plan_table(buf.host.data(), count, buf.refs.data(), buf.dtypes.data(), &total_chunks);
+    const int n = plan(buf.host.data(), count, buf.refs.data(), buf.dtypes.data(), &total_chunks);
     prep.table.inline_table = nullptr;
     prep.table.device_table =
         device_table_for(prep.device, prep.stream, prep.capturing, buf.refs, buf.dtypes, n, total_chunks);
@@ -244,6 +248,35 @@ at::Tensor norm_launch(at::TensorList grads, double norm_type, bool clip, double
     finish_read_only(prep);
   }
   return norm;
+}
+
+// Per-parameter norms (issue 14): the same fused launch, also writing each gradient's fp32 norm.
+// Allocates the two outputs and total_chunks * 16 fp64 slots per call (the caching allocator;
+// under capture the graph's pool), copies nothing from the host on a cached table.
+std::tuple<at::Tensor, at::Tensor> per_param_launch(at::TensorList grads, double norm_type, bool clip, double max_norm) {
+  const NormType p = norm_tag(norm_type);
+  if (grads.empty()) {
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    return {at::zeros({}, options), at::zeros({0}, options)};
+  }
+  c10::cuda::OptionalCUDAGuard guard;
+  Prepared prep = prepare(grads, clip, guard, /*keep_empty=*/true);
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(prep.device);
+  at::Tensor norm = at::empty({}, options);
+  at::Tensor per_param = at::empty({static_cast<int64_t>(grads.size())}, options);
+  at::Tensor partials = partials_for(prep.device, prep.stream, prep.capturing);
+  at::Tensor chunk_partials =
+      at::empty({per_param_slots(prep.table.total_chunks())}, options.dtype(at::kDouble));
+  GRADCLIP_CHECK_LAUNCH(launch_norm_clip_per_param(prep.table, p, clip, static_cast<float>(max_norm),
+                                                   partials.data_ptr<double>(), norm.data_ptr<float>(),
+                                                   chunk_partials.data_ptr<double>(), per_param.data_ptr<float>(),
+                                                   prep.device.index(), prep.stream));
+  if (clip) {
+    prep.finish();
+  } else {
+    finish_read_only(prep);
+  }
+  return {norm, per_param};
 }
 
 // ---- The four ops --------------------------------------------------------------------------------
@@ -278,6 +311,15 @@ void cuda_clip_grad_value_(at::TensorList grads, double clip_value) {
   prep.finish();
 }
 
+std::tuple<at::Tensor, at::Tensor> cuda_per_param_norms(at::TensorList grads, double norm_type) {
+  return per_param_launch(grads, norm_type, false, 0.0);
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_clip_grad_norm_per_param_(at::TensorList grads, double max_norm,
+                                                                  double norm_type) {
+  return per_param_launch(grads, norm_type, true, max_norm);
+}
+
 // Test hook: fill every cached partial-sum slot with NaN, so a slot read before written fails.
 void poison_scratch() {
   std::lock_guard<std::mutex> lock(scratch_mutex);
@@ -303,6 +345,8 @@ TORCH_LIBRARY_IMPL(gradclip, CUDA, m) {
   m.impl("cuda_clip_grad_norm_", &gradclip::cuda_clip_grad_norm_);
   m.impl("cuda_clip_grads_with_norm_", &gradclip::cuda_clip_grads_with_norm_);
   m.impl("cuda_clip_grad_value_", &gradclip::cuda_clip_grad_value_);
+  m.impl("cuda_per_param_norms", &gradclip::cuda_per_param_norms);
+  m.impl("cuda_clip_grad_norm_per_param_", &gradclip::cuda_clip_grad_norm_per_param_);
 }
 
 namespace gradclip {

@@ -25,6 +25,17 @@ struct TableArg {
 cudaError_t launch_norm_clip(const TableArg& table, NormType norm_type, bool clip, float max_norm, double* partials,
                              float* out_norm, int device, cudaStream_t stream);
 
+// launch_norm_clip that also writes the norm of every table entry to per_param[0, n) (fp32) from
+// the same pass, in the same ONE cooperative launch; the total is bitwise launch_norm_clip's. The
+// table must come from plan_table_keep_empty (entry i = tensor i). `chunk_partials` holds
+// total_chunks * (kThreads / 32) doubles (every slot written before it is read).
+cudaError_t launch_norm_clip_per_param(const TableArg& table, NormType norm_type, bool clip, float max_norm,
+                                       double* partials, float* out_norm, double* chunk_partials, float* per_param,
+                                       int device, cudaStream_t stream);
+
+// Doubles of chunk_partials that launch_norm_clip_per_param needs for `total_chunks` chunks.
+int64_t per_param_slots(int64_t total_chunks);
+
 // In-place rescale by min(max_norm / (total_norm + 1e-6), 1) read from a device scalar (fp32, or
 // fp64 when `norm_is_double`): no host sync. Writes nothing when the coefficient is >= 1.
 // `max_norm` is the op's double: the fp64 path uses it unrounded (torch multiplies the fp64

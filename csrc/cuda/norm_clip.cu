@@ -24,6 +24,16 @@
 // stale under CUDA-graph replay. After the barrier every block sums the partials in the same
 // fixed order (same code, same inputs) and so holds the same coefficient; block 0 writes the norm.
 //
+// Per-parameter norms (issue 14, the *_per_param launcher). The same kernel with kPerParam: each
+// thread also keeps the sum of the current chunk (a second accumulator: the block's own partial,
+// and so the total, take exactly the operations they take without it, bitwise the same norm), each
+// warp reduces it with shuffles into its own fixed slot chunk_partials[chunk * 16 + warp] (fp64,
+// no atomics, no block barrier), and after the grid barrier one warp per tensor sums that
+// tensor's contiguous slots in a fixed order: norm_t, rounded once to fp32. Extra cost: one fp64
+// add (p = 1, 2) or fp32 max per element, 128 B of slot writes per 64K-element chunk (0.1% of fp16
+// bytes) and reading them back once, T warp reductions. The table keeps empty tensors
+// (plan_table_keep_empty), so entry t is input tensor t and its norm lands at per_param[t].
+//
 // Bytes moved (N = total gradient bytes, G = grid): reads N, writes 8 G B of partials + 4 B of
 // norm; with clipping (coef < 1) it reads N again and writes the elements that change (<= N).
 // The rescale walks each block's chunks in reverse, so the chunks it read last (still in L2) are
@@ -97,6 +107,16 @@ __device__ __forceinline__ double block_reduce(double v, double* smem) {
   return v;
 }
 
+// Warp-wide reduction in a fixed order (xor-shuffle tree); every lane returns the same value.
+template <NormType P>
+__device__ __forceinline__ double warp_reduce(double v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = combine<P>(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+constexpr int kWarps = kThreads / 32;
+
 // torch: clamp(max_norm / (norm + 1e-6), max=1) == clamp(reciprocal(norm + 1e-6) * max_norm, max=1)
 // in the norm's dtype (Tensor.__rtruediv__ is reciprocal-then-multiply). NaN stays NaN.
 __device__ __forceinline__ float clip_coefficient(float max_norm, float norm) {
@@ -134,27 +154,59 @@ __device__ __forceinline__ void rescale_chunks(const Table& table, float coef) {
   }
 }
 
-template <NormType P, bool kClip, class Table>
+template <NormType P, bool kClip, bool kPerParam, class Table>
 __global__ void __launch_bounds__(kThreads, kClip ? kBlocksPerSmRescale : kBlocksPerSmReadOnly)
     norm_clip_kernel(const __grid_constant__ Table table, float max_norm, double* __restrict__ partials,
-                     float* __restrict__ out_norm) {
+                     float* __restrict__ out_norm, double* __restrict__ chunk_partials, float* __restrict__ per_param) {
   __shared__ double smem[kThreads / 32];
   using AccT = typename Acc<P>::type;
 
   // Phase 1: this block's share, accumulated per thread, reduced per block, one slot per block.
+  // kPerParam: each chunk's own sum is also kept per thread (a second accumulator, so `acc` takes
+  // exactly the operations it takes without kPerParam: the total stays bitwise the same), reduced
+  // per warp (shuffles, no block barrier) into its fixed slot chunk_partials[chunk * kWarps + warp].
   AccT acc = 0;
   for (int64_t c = blockIdx.x; c < table.total_chunks; c += gridDim.x) {
     const int t = find_tensor(table, c);
     const TensorRef& ref = table.ref(t);
     const ElemRange r = chunk_elems(ref, c);
-    auto add = [&acc](float x) { accumulate<P>(acc, x); };
-    GRADCLIP_DISPATCH_DTYPE(table.dtype(t), scalar_t,
-                            read_range(static_cast<const scalar_t*>(ref.ptr) + r.begin, r.end - r.begin, add))
+    if constexpr (kPerParam) {
+      AccT acc_chunk = 0;
+      auto add = [&acc, &acc_chunk](float x) {
+        accumulate<P>(acc, x);
+        accumulate<P>(acc_chunk, x);
+      };
+      GRADCLIP_DISPATCH_DTYPE(table.dtype(t), scalar_t,
+                              read_range(static_cast<const scalar_t*>(ref.ptr) + r.begin, r.end - r.begin, add))
+      const double warp_sum = warp_reduce<P>(static_cast<double>(acc_chunk));
+      if ((threadIdx.x & 31) == 0) chunk_partials[c * kWarps + (threadIdx.x >> 5)] = warp_sum;
+    } else {
+      auto add = [&acc](float x) { accumulate<P>(acc, x); };
+      GRADCLIP_DISPATCH_DTYPE(table.dtype(t), scalar_t,
+                              read_range(static_cast<const scalar_t*>(ref.ptr) + r.begin, r.end - r.begin, add))
+    }
   }
   const double block_total = block_reduce<P>(static_cast<double>(acc), smem);
   if (threadIdx.x == 0) partials[blockIdx.x] = block_total;
 
   cg::this_grid().sync();  // all partials written and visible
+
+  if constexpr (kPerParam) {
+    // Per-tensor norms: warp w of block b finishes tensors b * kWarps + w, then every G * kWarps
+    // further. Tensor t's slots are the contiguous range [first_chunk * kWarps, (first_chunk +
+    // chunks) * kWarps): lane l sums slots l, l + 32, ... in order, then a fixed shuffle tree. An
+    // empty tensor (no chunks) gets 0. Table entry t is input tensor t (plan_table_keep_empty).
+    const int lane = threadIdx.x & 31;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); t < table.n; t += stride) {
+      const TensorRef& ref = table.ref(static_cast<int>(t));
+      const int64_t end = (ref.first_chunk + chunks_of(ref.numel)) * kWarps;
+      double s = 0.0;
+      for (int64_t i = ref.first_chunk * kWarps + lane; i < end; i += 32) s = combine<P>(s, __ldcg(chunk_partials + i));
+      s = warp_reduce<P>(s);
+      if (lane == 0) per_param[t] = static_cast<float>(P == NormType::kL2 ? sqrt(s) : s);
+    }
+  }
   if (!kClip && blockIdx.x != 0) return;
 
   // Phase 2: every block sums all partials in the same order (L2 reads: bypass the incoherent L1).
@@ -190,11 +242,11 @@ int occupancy_per_sm(Kernel kernel, int device, std::atomic<int>* cache) {
   return blocks;
 }
 
-template <NormType P, bool kClip, class Table>
-cudaError_t launch_norm_clip_typed(const Table& table, float max_norm, double* partials, float* out_norm, int device,
-                                   cudaStream_t stream) {
+template <NormType P, bool kClip, bool kPerParam, class Table>
+cudaError_t launch_norm_clip_typed(const Table& table, float max_norm, double* partials, float* out_norm,
+                                   double* chunk_partials, float* per_param, int device, cudaStream_t stream) {
   static std::atomic<int> occupancy_cache[kMaxDevices];
-  auto kernel = norm_clip_kernel<P, kClip, Table>;
+  auto kernel = norm_clip_kernel<P, kClip, kPerParam, Table>;
   const int occupancy = occupancy_per_sm(kernel, device, occupancy_cache);
   if (occupancy <= 0) return cudaErrorInvalidConfiguration;
   const int grid = persistent_grid(device_sm_count(device), occupancy, kWantedBlocksPerSm, table.total_chunks);
@@ -209,16 +261,19 @@ cudaError_t launch_norm_clip_typed(const Table& table, float max_norm, double* p
   config.stream = stream;
   config.attrs = attribute;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, table, max_norm, partials, out_norm);
+  return cudaLaunchKernelEx(&config, kernel, table, max_norm, partials, out_norm, chunk_partials, per_param);
 }
 
-template <class Table>
+template <bool kPerParam, class Table>
 cudaError_t launch_norm_clip_table(const Table& table, NormType norm_type, bool clip, float max_norm,
-                                   double* partials, float* out_norm, int device, cudaStream_t stream) {
-#define GRADCLIP_NORM_CASE(P)                                                                              \
-  case P:                                                                                                   \
-    return clip ? launch_norm_clip_typed<P, true>(table, max_norm, partials, out_norm, device, stream)      \
-                : launch_norm_clip_typed<P, false>(table, max_norm, partials, out_norm, device, stream);
+                                   double* partials, float* out_norm, double* chunk_partials, float* per_param,
+                                   int device, cudaStream_t stream) {
+#define GRADCLIP_NORM_CASE(P)                                                                                  \
+  case P:                                                                                                       \
+    return clip ? launch_norm_clip_typed<P, true, kPerParam>(table, max_norm, partials, out_norm, chunk_partials, \
+                                                             per_param, device, stream)                         \
+                : launch_norm_clip_typed<P, false, kPerParam>(table, max_norm, partials, out_norm,             \
+                                                              chunk_partials, per_param, device, stream);
   switch (norm_type) {
     GRADCLIP_NORM_CASE(NormType::kL1)
     GRADCLIP_NORM_CASE(NormType::kL2)
@@ -253,6 +308,8 @@ cudaError_t launch_scale_table(const Table& table, double max_norm, const void* 
 
 int kernel_inline_capacity() { return kInlineCapacity; }
 
+int64_t per_param_slots(int64_t total_chunks) { return total_chunks * kWarps; }
+
 int device_sm_count(int device) {
   static std::atomic<int> cache[kMaxDevices];
   if (device < 0 || device >= kMaxDevices) return 0;
@@ -267,9 +324,23 @@ cudaError_t launch_norm_clip(const TableArg& table, NormType norm_type, bool cli
                              float* out_norm, int device, cudaStream_t stream) {
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
   if (table.inline_table != nullptr) {
-    return launch_norm_clip_table(*table.inline_table, norm_type, clip, max_norm, partials, out_norm, device, stream);
+    return launch_norm_clip_table<false>(*table.inline_table, norm_type, clip, max_norm, partials, out_norm, nullptr,
+                                         nullptr, device, stream);
   }
-  return launch_norm_clip_table(table.device_table, norm_type, clip, max_norm, partials, out_norm, device, stream);
+  return launch_norm_clip_table<false>(table.device_table, norm_type, clip, max_norm, partials, out_norm, nullptr,
+                                       nullptr, device, stream);
+}
+
+cudaError_t launch_norm_clip_per_param(const TableArg& table, NormType norm_type, bool clip, float max_norm,
+                                       double* partials, float* out_norm, double* chunk_partials, float* per_param,
+                                       int device, cudaStream_t stream) {
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  if (table.inline_table != nullptr) {
+    return launch_norm_clip_table<true>(*table.inline_table, norm_type, clip, max_norm, partials, out_norm,
+                                        chunk_partials, per_param, device, stream);
+  }
+  return launch_norm_clip_table<true>(table.device_table, norm_type, clip, max_norm, partials, out_norm,
+                                      chunk_partials, per_param, device, stream);
 }
 
 cudaError_t launch_scale_by_norm(const TableArg& table, double max_norm, const void* total_norm, bool norm_is_double,

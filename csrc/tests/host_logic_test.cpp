@@ -137,8 +137,39 @@ static void test_grid() {
   EXPECT(persistent_grid(132, 0, 2, 100) == 100);       // occupancy 0 is rejected by the launcher first
 }
 
+// plan_table_keep_empty (per-parameter kernels): entry i is tensor i, empties included, and every
+// chunk still maps to the non-empty tensor that owns it.
+static void test_keep_empty() {
+  const int64_t big = 3 * kChunkElems + 5;
+  std::vector<HostTensor> tensors = {{nullptr, 0, DType::kFloat32},          {(void*)0x1000, 7, DType::kFloat16},
+                                     {nullptr, 0, DType::kBFloat16},         {nullptr, 0, DType::kFloat32},
+                                     {(void*)0x2000, big, DType::kFloat32},  {(void*)0x3000, kChunkElems, DType::kFloat16},
+                                     {nullptr, 0, DType::kFloat16}};
+  const int count = static_cast<int>(tensors.size());
+  std::vector<TensorRef> refs(count);
+  std::vector<uint8_t> dtypes(count);
+  int64_t total = -1;
+  EXPECT(plan_table_keep_empty(tensors.data(), count, refs.data(), dtypes.data(), &total) == count);
+  EXPECT(total == 1 + 4 + 1);
+  for (int i = 0; i < count; ++i) {
+    EXPECT(refs[i].numel == tensors[i].numel && dtypes[i] == static_cast<uint8_t>(tensors[i].dtype));
+  }
+  const DeviceTable table = view(refs, dtypes, count, total);
+  const int owner[] = {1, 4, 4, 4, 4, 5};
+  for (int64_t c = 0; c < total; ++c) EXPECT(find_tensor(table, c) == owner[c]);
+  std::vector<int64_t> covered(count, 0);
+  for (int64_t c = 0; c < total; ++c) {
+    const int t = find_tensor(table, c);
+    const ElemRange r = chunk_elems(table.ref(t), c);
+    EXPECT(0 <= r.begin && r.begin < r.end && r.end <= table.ref(t).numel);
+    covered[t] += r.end - r.begin;
+  }
+  for (int i = 0; i < count; ++i) EXPECT(covered[i] == tensors[i].numel);
+}
+
 int main() {
   test_partition();
+  test_keep_empty();
   test_vector_split();
   test_grid();
   if (failures != 0) {
