@@ -310,6 +310,7 @@ class Clipper:
             self._agc_index = [
                 i for i, (n, p) in enumerate(zip(names, params, strict=True)) if self._policy.selects(n, p)
             ]
+        self._coverage_cache: dict[tuple, bool] = {}
         self._skips = _SkipCounter(self.device, len(params)) if max_consecutive_skips is not None else None
         self.history: history_mod.History | None = None
         if history:
@@ -496,7 +497,9 @@ class Clipper:
         """The general path shared by clip_() (optimizer None) and step()."""
         if self._skips is not None:
             self._skips.check(self.names)  # an earlier step's trip, once its copy has landed
-        fused = optim.fused_kind(optimizer) is not None if optimizer is not None else False
+        fused = (
+            optimizer is not None and self._coverage(optimizer) and optim.fused_kind(optimizer) is not None
+        )
         inv_scale, prior_inf = (
             optim.scaler_state(scaler, optimizer) if optimizer is not None else (None, None)
         )
@@ -571,6 +574,26 @@ class Clipper:
         if self._skips is not None:
             self._skips.check(self.names)
         return stats
+
+    def _coverage(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Raise unless every parameter of `optimizer` is one this clipper clips (torch's sequence
+        would unscale/step gradients the clip never saw). True when the two hold the same
+        parameters: only then can the coefficient ride in the optimizer's grad_scale (which
+        applies to all of its gradients and to none of the clipper's others); False sends the
+        step down the plain path, which rescales exactly the clipper's gradients."""
+        key = (id(optimizer), tuple(len(g["params"]) for g in optimizer.param_groups))
+        cached = self._coverage_cache.get(key)
+        if cached is not None:
+            return cached
+        mine = {id(p) for p in self._params}
+        theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not theirs <= mine:
+            raise ValueError(
+                f"optimizer holds {len(theirs - mine)} parameter(s) this Clipper does not clip; build the "
+                "Clipper over every parameter the optimizer steps"
+            )
+        self._coverage_cache[key] = exact = theirs == mine
+        return exact
 
     def _raise_if_nonfinite(self, nonfinite: Tensor, per_param: Tensor | None) -> None:
         if not bool(nonfinite):  # the one host sync of nonfinite="error", as torch's error_if_nonfinite

@@ -445,3 +445,24 @@ def test_bench_gate_and_a_tiny_run(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "optimizer_step_cpu.json").read_text())
     assert set(data["results"]) == set(bench.PASSES)
     assert data["results"]["gradclip"]["grad_passes"] == 3
+
+
+def test_optimizer_and_clipper_must_agree_on_parameters():
+    model = make_model()
+    ps = list(model.parameters())
+    backward(model, None, 0)
+    with pytest.raises(ValueError, match="does not clip"):
+        gradclip.Clipper(ps[:2], max_norm=MAX_NORM).step(torch.optim.AdamW(ps, fused=True))
+    # a clipper over more parameters than the optimizer: the plain path, which rescales them all,
+    # as torch's clip_grad_norm_ over those parameters would
+    twin = copy.deepcopy(model)
+    clipper = gradclip.Clipper(ps, max_norm=MAX_NORM)
+    tps = list(twin.parameters())
+    for p, q in zip(ps, tps, strict=True):
+        q.grad = p.grad.clone()
+    clipper.step(torch.optim.AdamW(ps[:2], lr=1e-2, fused=True))
+    torch.nn.utils.clip_grad_norm_(tps, MAX_NORM)
+    torch.optim.AdamW(tps[:2], lr=1e-2, fused=True).step()
+    for p, q in zip(ps, tps, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(p.grad, q.grad, rtol=4e-7, atol=1e-30)
