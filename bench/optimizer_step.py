@@ -8,6 +8,8 @@ with clipping active (max_norm far below the norm, so every step rescales):
   rw-floor         one read + one write of every gradient (_foreach_mul_)   2 (R+W)
   torch            clip_grad_norm_ + opt.step()                             4 (norm R, rescale R+W, step R)
   gradclip         clipper.step(opt)                                        3 (norm R, step R + W back)
+  fold/torch-norm  torch's get_total_norm, coefficient into grad_scale      3 (as gradclip: the fold
+                   alone, separated from the speed of gradclip's norm backend on this device)
   torch+scaler     scaler.unscale_ + clip_grad_norm_ + scaler.step + update 6 (unscale R+W, + torch's 4)
   gradclip+scaler  clipper.step(opt, scaler) + update                       3 (as gradclip)
 (passes over gradient memory only; every provider also reads/writes params and moments, the same
@@ -34,12 +36,21 @@ import time
 import torch
 
 import gradclip
+from gradclip import optim
 
 from . import workloads
 
 MAX_NORM = 1e-3  # random normal gradients have norms in the thousands: every step clips
 SCALE = 1024.0
-PASSES = {"bare": 1, "rw-floor": 2, "torch": 4, "gradclip": 3, "torch+scaler": 6, "gradclip+scaler": 3}
+PASSES = {
+    "bare": 1,
+    "rw-floor": 2,
+    "torch": 4,
+    "gradclip": 3,
+    "fold/torch-norm": 3,
+    "torch+scaler": 6,
+    "gradclip+scaler": 3,
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -87,6 +98,14 @@ def step_fn(name: str, s: Setup):
         return lambda: (torch.nn.utils.clip_grad_norm_(s.params, MAX_NORM), s.opt.step())
     if name == "gradclip":
         return lambda: s.clipper.step(s.opt)
+    if name == "fold/torch-norm":
+
+        def fold():
+            total = torch.nn.utils.get_total_norm(grads)
+            coef = torch.clamp(MAX_NORM / (total + 1e-6), max=1.0)
+            optim.fused_step(s.opt, coef.reciprocal(), None)
+
+        return fold
     if name == "torch+scaler":
 
         def torch_scaled():
@@ -163,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = {}
     for scaled, names in (
-        (False, ("bare", "rw-floor", "torch", "gradclip")),
+        (False, ("bare", "rw-floor", "torch", "gradclip", "fold/torch-norm")),
         (True, ("torch+scaler", "gradclip+scaler")),
     ):
         s = Setup(workload, device, scaled)
@@ -191,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     added_torch = results["torch"]["median_ms"] - results["bare"]["median_ms"]
     rw = results["rw-floor"]["median_ms"]
     speedup = results["torch+scaler"]["median_ms"] / results["gradclip+scaler"]["median_ms"]
+    fold_added = results["fold/torch-norm"]["median_ms"] - results["bare"]["median_ms"]
     ratios = {
+        "fold_torch_norm_added_over_rw": fold_added / rw,
         "gradclip_added_over_rw": added / rw,
         "torch_added_over_rw": added_torch / rw,
         "torch_over_gradclip": results["torch"]["median_ms"] / results["gradclip"]["median_ms"],
@@ -200,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"clipping adds (gradclip): {added:.2f} ms = {ratios['gradclip_added_over_rw']:.2f} x rw-floor "
         f"(target <= 1.1; torch adds {ratios['torch_added_over_rw']:.2f} x)"
+    )
+    print(
+        f"the fold alone (torch's norm, coefficient in grad_scale) adds {fold_added:.2f} ms = "
+        f"{ratios['fold_torch_norm_added_over_rw']:.2f} x rw-floor"
     )
     print(
         f"whole step torch / gradclip: {ratios['torch_over_gradclip']:.2f}x; "
