@@ -6,6 +6,9 @@ Never needs a visible GPU to decide:
 - torch with CUDA and nvcc found: the same plus the CUDA kernels (csrc/cuda/), for
   TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
 - GRADCLIP_SKIP_NATIVE_BUILD=1: no native code at all (pure Python; the reference serves).
+- GRADCLIP_CPU_CAPABILITY=default|avx2|avx512 picks the vector ISA of the CPU kernels (at::vec);
+  the default, auto, takes avx2 when the build machine's torch reports AVX2 or AVX512 (x86-64 only),
+  so the build runs on the machine it was built on: set default for a build that runs on any x86-64.
 A native build that fails does not fail the install (gradclip falls back to the reference, and
 `python -m gradclip info` says why) unless GRADCLIP_REQUIRE_NATIVE=1, which CI sets.
 Install with `pip install --no-build-isolation -e .` so the build sees the torch already installed.
@@ -24,6 +27,33 @@ DEFAULT_ARCH_LIST = "8.0;9.0"
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0") == "1"
+
+
+# at::vec picks its implementation from these macros (the ones torch's own CPU kernels compile with).
+_CPU_CAPABILITY_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+    ],
+}
+
+
+def cpu_capability(torch) -> str:
+    """The vector ISA of the CPU kernels: $GRADCLIP_CPU_CAPABILITY, else avx2 where this machine has it."""
+    choice = os.environ.get("GRADCLIP_CPU_CAPABILITY", "auto") or "auto"
+    if choice != "auto":
+        if choice not in _CPU_CAPABILITY_FLAGS:
+            raise SystemExit(f"GRADCLIP_CPU_CAPABILITY must be auto or one of {sorted(_CPU_CAPABILITY_FLAGS)}")
+        return choice
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "default"
+    # AVX512 machines get avx2 too: the kernels are memory-bound, and avx2 code runs on both.
+    have = torch.backends.cpu.get_cpu_capability()
+    return "avx2" if have in ("AVX2", "AVX512") else "default"
 
 
 def _sources(*patterns: str) -> list[str]:
@@ -51,7 +81,8 @@ def native_extension_plan():
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     depends = _sources("csrc/*.h", "csrc/cpu/*.h")
     include_dirs = [os.path.join(HERE, "csrc")]
-    cxx_flags = ["-O3"]
+    isa = cpu_capability(torch)
+    cxx_flags = ["-O3", *_CPU_CAPABILITY_FLAGS[isa]]
     if why_no_cuda:
         extension = CppExtension(
             name="gradclip._C",
@@ -60,7 +91,7 @@ def native_extension_plan():
             depends=depends,
             extra_compile_args={"cxx": cxx_flags},
         )
-        summary = f"CPU kernels only ({why_no_cuda}), torch {torch.__version__}, {len(sources)} sources"
+        summary = f"CPU kernels only ({why_no_cuda}, {isa}), torch {torch.__version__}, {len(sources)} sources"
     else:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         sources += _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
@@ -80,7 +111,7 @@ def native_extension_plan():
             },
         )
         summary = (
-            f"CPU and CUDA kernels for sm {os.environ['TORCH_CUDA_ARCH_LIST']}, torch {torch.__version__} "
+            f"CPU ({isa}) and CUDA kernels for sm {os.environ['TORCH_CUDA_ARCH_LIST']}, torch {torch.__version__} "
             f"(CUDA {torch.version.cuda}), {len(sources)} sources"
         )
 

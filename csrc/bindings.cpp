@@ -6,6 +6,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradclip native core; importing it registers the compiled gradclip::* kernels";
+  gradclip::bind_cpu(m);
 #if defined(GRADCLIP_WITH_CUDA)
   m.attr("WITH_CUDA") = true;
   gradclip::bind_cuda(m);

@@ -1,8 +1,9 @@
 """Backend selection: which backend serves a group of gradients, and why the others cannot.
 
-Kernel backends ("cuda", "triton") serve fp16/bf16/fp32 gradients and norm types 1, 2 and inf;
-everything else (fp64, complex, other p, CPU tensors) goes to "reference". Availability checks
-import nothing at `import gradclip` time and are cached, so a call costs a dict lookup.
+Kernel backends ("cuda", "triton" on CUDA tensors, "cpu" on CPU tensors) serve fp16/bf16/fp32
+gradients and norm types 1, 2 and inf; everything else (fp64, complex, other p) goes to
+"reference". Availability checks import nothing at `import gradclip` time and are cached, so a
+call costs a dict lookup (the first "cpu" check imports gradclip._C, which registers its kernels).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from gradclip import _extension
 
-CHOICES = ("auto", "cuda", "triton", "reference")
+CHOICES = ("auto", "cuda", "triton", "cpu", "reference")
 KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 KERNEL_NORM_TYPES = frozenset({1.0, 2.0, math.inf})
 ENV_BACKEND = "GRADCLIP_BACKEND"
@@ -64,6 +65,13 @@ def _cuda_runtime() -> str:
     return ""
 
 
+@functools.cache
+def _native_cpu() -> str:
+    """Empty when gradclip._C (and with it the gradclip::cpu_* kernels) imports, else why not."""
+    module, why = _extension.load()
+    return why if module is None else ""
+
+
 @constant_under_compile
 def why_unavailable(backend: str, device_type: str) -> str:
     """Empty string when `backend` can run on `device_type` here, else the missing piece.
@@ -82,6 +90,10 @@ def why_unavailable(backend: str, device_type: str) -> str:
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, not {device_type} tensors"
         return _cuda_runtime() or _extension.why_no_cuda_kernels()
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, not {device_type} tensors"
+        return _native_cpu()
     raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
 
 
@@ -101,15 +113,19 @@ def requested(backend: str) -> str:
 def choose(backend: str, device: torch.device, dtype: torch.dtype, norm_type: float | None) -> str:
     """The backend serving gradients of `dtype` on `device` (norm_type None: no norm involved).
 
-    "auto" prefers cuda, then triton, then reference (the order is a guess until a GPU benchmark
-    in bench/RESULTS.md says otherwise); on CPU it is the reference, since the Triton interpreter
-    is a test tool. An explicit backend that cannot serve raises BackendUnavailableError.
+    "auto" prefers cuda, then triton, then reference on CUDA tensors (the order is a guess until
+    a GPU benchmark in bench/RESULTS.md says otherwise); on CPU tensors the native "cpu" kernels
+    when gradclip._C is built, else the reference (quietly; the Triton interpreter is a test tool).
+    An explicit backend that cannot serve raises BackendUnavailableError.
     """
     if backend == "auto":
-        if device.type == "cuda" and _kernel_can_serve(dtype, norm_type):
-            for candidate in ("cuda", "triton"):
-                if not why_unavailable(candidate, device.type):
-                    return candidate
+        if _kernel_can_serve(dtype, norm_type):
+            if device.type == "cuda":
+                for candidate in ("cuda", "triton"):
+                    if not why_unavailable(candidate, device.type):
+                        return candidate
+            elif device.type == "cpu" and not why_unavailable("cpu", "cpu"):
+                return "cpu"
         return "reference"
     if backend != "reference":
         if not _kernel_can_serve(dtype, norm_type):
@@ -125,7 +141,8 @@ def choose(backend: str, device: torch.device, dtype: torch.dtype, norm_type: fl
 
 
 def report() -> dict[str, str]:
-    """{backend: "available" or why not (for CUDA tensors)} for `python -m gradclip info`."""
+    """{backend: "available" or why not} for `python -m gradclip info` (CUDA tensors for cuda and
+    triton, CPU tensors for cpu)."""
     status = {b: why_unavailable(b, "cuda") or "available" for b in ("cuda", "triton")}
     if not torch.cuda.is_available():
         # The extension's own status is worth showing even where no GPU could run it.
@@ -133,5 +150,11 @@ def report() -> dict[str, str]:
         status["triton"] += "; " + (
             _triton_import() or "triton imports (CPU tensors under TRITON_INTERPRET=1)"
         )
+    why_cpu = why_unavailable("cpu", "cpu")
+    if why_cpu:
+        status["cpu"] = why_cpu
+    else:
+        module, _ = _extension.load()
+        status["cpu"] = f"available (CPU tensors; gradclip._C, {module.CPU_CAPABILITY} vectors)"
     status["reference"] = "available (pure PyTorch, any device)"
     return status

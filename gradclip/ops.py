@@ -22,8 +22,10 @@ copy back (tests/test_compile.py shows it on the post-grad graph and the generat
 
 Defining the schemas here lets `import gradclip` work without the compiled extension: the
 `reference` ops get their implementation below (CompositeExplicitAutograd: any device), the
-`triton` ops are implemented in `gradclip/triton_backend.py` (registered on import there), and the
-`cuda` ops are implemented in C++ (`csrc/bindings.cpp`, TORCH_LIBRARY_IMPL for the CUDA key).
+`triton` ops are implemented in `gradclip/triton_backend.py` (registered on import there), the
+`cuda` ops in C++ (`csrc/cuda/cuda_ops.cpp`, TORCH_LIBRARY_IMPL for the CUDA key) and the `cpu` ops
+in C++ (`csrc/cpu/`, TORCH_LIBRARY_IMPL for the CPU key); those two register when `gradclip._C`
+is imported, and have no Python implementation.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 
 from gradclip import labels, reference
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "cpu")
 OP_NAMES = (
     "total_norm",
     "clip_grad_norm_",

@@ -320,3 +320,90 @@ def test_more_than_2_pow_31_elements():
     assert norm.item() == pytest.approx(float(n - 1) + 2.0, rel=1e-7)
     cuda_op("clip_grad_norm_")([g], float(n) / 4, 1.0)  # coef ~ 1/4: every element rewritten
     assert g[0].item() == pytest.approx(0.25, rel=1e-3) and g[-1].item() == pytest.approx(0.5, rel=1e-3)
+
+
+# ---- per-parameter norms (issue 14): GPU only -------------------------------------------------------
+
+
+@pytest.fixture
+def poisoned_per_param_slots():
+    _C().set_poison_per_param_scratch(True)
+    yield
+    _C().set_poison_per_param_scratch(False)
+
+
+def per_param_fp64(grads, norm_type):
+    return torch.tensor(
+        [torch.linalg.vector_norm(g.double().cpu(), norm_type).item() if g.numel() else 0.0 for g in grads],
+        dtype=torch.float64,
+    )
+
+
+@pytest.mark.requires_cuda_extension
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=["l1", "l2", "inf"])
+@pytest.mark.parametrize("shapes", list(SHAPES.values()), ids=list(SHAPES))
+def test_per_param_norms_match_fp64(poisoned_per_param_slots, shapes, norm_type):
+    grads = [g.to(KERNEL_DTYPES[i % 3]) for i, g in enumerate(make_grads(shapes, torch.float32, seed=2))]
+    grads = [g * (1 + i % 5) for i, g in enumerate(grads)]
+    total, per_param = cuda_op("per_param_norms")(grads, norm_type)
+    assert per_param.dtype == torch.float32 and per_param.shape == (len(grads),)
+    assert per_param.device == grads[0].device
+    torch.testing.assert_close(
+        per_param.cpu().double(), per_param_fp64(grads, norm_type), **NORM_TOL[torch.float16]
+    )
+    assert torch.equal(total, cuda_op("total_norm")(grads, norm_type))  # bitwise the norm-only kernel's
+    expected = [g.clone() for g in grads]
+    expected_total = cuda_op("clip_grad_norm_")(expected, 0.5, norm_type)
+    total, clipped_per_param = cuda_op("clip_grad_norm_per_param_")(grads, 0.5, norm_type)
+    assert torch.equal(total, expected_total) and torch.equal(clipped_per_param, per_param)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.equal(bits(g), bits(e))  # rescaled exactly as clip_grad_norm_
+
+
+@pytest.mark.requires_cuda_extension
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=["l1", "l2", "inf"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_per_param_nonfinite_in_its_own_entry(poisoned_per_param_slots, bad, norm_type):
+    grads = make_grads([(5,), (0,), (3 * CHUNK + 1,), (7,), (CHUNK,)], torch.float16)
+    grads[2][2 * CHUNK + 3] = bad  # in its third chunk
+    grads[0][0] = 60000.0  # squares overflow fp16 and fp32 sums: still finite
+    _, per_param = cuda_op("per_param_norms")(grads, norm_type)
+    torch.testing.assert_close(
+        per_param.cpu().double(), per_param_fp64(grads, norm_type), equal_nan=True, **NORM_TOL[torch.float16]
+    )
+    assert (~per_param.isfinite()).nonzero().flatten().tolist() == [2]
+
+
+@pytest.mark.requires_cuda_extension
+def test_per_param_bitwise_reproducible_and_graph_capturable():
+    grads = make_grads([(CHUNK * 5 + 3,)] + [(11,)] * 1030, torch.bfloat16)  # a device table
+    first = cuda_op("per_param_norms")(grads, 2.0)
+    for _ in range(20):
+        again = cuda_op("per_param_norms")(grads, 2.0)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total, per_param = cuda_op("per_param_norms")(grads, 2.0)
+    fresh = make_grads([(CHUNK * 5 + 3,)] + [(11,)] * 1030, torch.bfloat16, seed=9, scale=4.0)
+    for g, f in zip(grads, fresh, strict=True):
+        g.copy_(f)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(
+        per_param.cpu().double(), per_param_fp64(fresh, 2.0), **NORM_TOL[torch.bfloat16]
+    )
+
+
+@pytest.mark.requires_cuda_extension
+def test_per_param_one_kernel_launch():
+    from torch.profiler import ProfilerActivity, profile
+
+    grads = make_grads([(CHUNK + 1,), (0,), (5,)] * 10, torch.float32)
+    cuda_op("clip_grad_norm_per_param_")(grads, 1.0, 2.0)  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cuda_op("clip_grad_norm_per_param_")(grads, 1.0, 2.0)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [n for n in kernels if "Memcpy" not in n and "Memset" not in n]
+    assert len(kernels) == 1 and "norm_clip_kernel" in kernels[0], kernels

@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -253,6 +254,10 @@ at::Tensor norm_launch(at::TensorList grads, double norm_type, bool clip, double
 // Per-parameter norms (issue 14): the same fused launch, also writing each gradient's fp32 norm.
 // Allocates the two outputs and total_chunks * 16 fp64 slots per call (the caching allocator;
 // under capture the graph's pool), copies nothing from the host on a cached table.
+// Test hook: when set, the per-tensor slots are filled with NaN before the launch (an extra kernel),
+// so a slot read before it is written shows up as a NaN per-parameter norm.
+std::atomic<bool> poison_per_param_slots{false};
+
 std::tuple<at::Tensor, at::Tensor> per_param_launch(at::TensorList grads, double norm_type, bool clip, double max_norm) {
   const NormType p = norm_tag(norm_type);
   if (grads.empty()) {
@@ -267,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor> per_param_launch(at::TensorList grads, double
   at::Tensor partials = partials_for(prep.device, prep.stream, prep.capturing);
   at::Tensor chunk_partials =
       at::empty({per_param_slots(prep.table.total_chunks())}, options.dtype(at::kDouble));
+  if (poison_per_param_slots.load(std::memory_order_relaxed)) chunk_partials.fill_(std::numeric_limits<double>::quiet_NaN());
   GRADCLIP_CHECK_LAUNCH(launch_norm_clip_per_param(prep.table, p, clip, static_cast<float>(max_norm),
                                                    partials.data_ptr<double>(), norm.data_ptr<float>(),
                                                    chunk_partials.data_ptr<double>(), per_param.data_ptr<float>(),
@@ -359,6 +365,9 @@ void bind_cuda(pybind11::module_& m) {
   m.attr("CHUNK_ELEMS") = kChunkElems;
   m.attr("MAX_GRID") = kMaxGrid;
   m.def("poison_scratch", &poison_scratch, "Fill cached partial-sum slots with NaN (tests)");
+  m.def(
+      "set_poison_per_param_scratch", [](bool on) { poison_per_param_slots.store(on); },
+      "Fill the per-parameter slots with NaN before each per-param launch (tests)");
   m.def("cached_device_tables", &cached_device_tables, "Number of cached device tensor tables");
 }
 
