@@ -2,7 +2,8 @@
 
     python -m gradclip.bench.optimizer_step [--workload gpt2-124M] [--device cpu|cuda] [--reps 7] [--out DIR]
 
-Providers, in one run, on the same fp32 gradients (restored before every timed step, untimed),
+Providers, in one run, interleaved step by step, on the same fp32 gradients (restored before every
+timed step, untimed),
 with clipping active (max_norm far below the norm, so every step rescales):
   bare             fused AdamW step alone, no clipping                      grad passes: 1 (R)
   rw-floor         one read + one write of every gradient (_foreach_mul_)   2 (R+W)
@@ -138,18 +139,21 @@ def gate(workload: workloads.Workload, device: torch.device) -> list[str]:
     return failures
 
 
-def time_provider(name: str, s: Setup, reps: int) -> list[float]:
-    fn = step_fn(name, s)
-    device = s.params[0].device
-    samples = []
-    for i in range(reps + 1):  # the first is a warm-up (allocations, the clipper's first call)
-        s.restore()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i:
-            samples.append(time.perf_counter() - t0)
+def time_providers(names: list[str], setups: dict[bool, Setup], reps: int) -> dict[str, list[float]]:
+    """Seconds per step for each provider, interleaved (one step of each in turn, `reps` rounds
+    after one warm-up round), so a change of load on a shared machine hits all of them alike."""
+    fns = {n: (step_fn(n, setups["scaler" in n]), setups["scaler" in n]) for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps + 1):  # round 0 is a warm-up (allocations, the clipper's first call)
+        for name, (fn, s) in fns.items():
+            device = s.params[0].device
+            s.restore()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i:
+                samples[name].append(time.perf_counter() - t0)
     return samples
 
 
@@ -181,26 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         f"({grad_mb:.0f} MB of gradients), device {device}, torch {torch.__version__}, commit {_commit()}"
     )
     results = {}
-    for scaled, names in (
-        (False, ("bare", "rw-floor", "torch", "gradclip", "fold/torch-norm")),
-        (True, ("torch+scaler", "gradclip+scaler")),
-    ):
-        s = Setup(workload, device, scaled)
-        s.scale_marker()
-        for name in names:
-            samples = time_provider(name, s, args.reps)
-            q = (
-                statistics.quantiles(samples, n=5, method="inclusive")
-                if len(samples) > 1
-                else [samples[0]] * 4
-            )
-            results[name] = {
-                "median_ms": statistics.median(samples) * 1e3,
-                "p20_ms": q[0] * 1e3,
-                "p80_ms": q[3] * 1e3,
-                "grad_passes": PASSES[name],
-            }
-        del s
+    setups = {scaled: Setup(workload, device, scaled) for scaled in (False, True)}
+    for setup in setups.values():
+        setup.scale_marker()
+    for name, samples in time_providers(list(PASSES), setups, args.reps).items():
+        q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else [samples[0]] * 4
+        results[name] = {
+            "median_ms": statistics.median(samples) * 1e3,
+            "p20_ms": q[0] * 1e3,
+            "p80_ms": q[3] * 1e3,
+            "grad_passes": PASSES[name],
+        }
+    del setups
     print(f"{'provider':<16} {'median ms':>10} {'p20':>9} {'p80':>9} {'grad passes':>12}")
     for name, r in results.items():
         print(
