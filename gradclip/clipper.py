@@ -503,6 +503,17 @@ class Clipper:
         inv_scale, prior_inf = (
             optim.scaler_state(scaler, optimizer) if optimizer is not None else (None, None)
         )
+        scaler_on = optimizer is not None and scaler is not None and scaler.is_enabled()
+        if (
+            optimizer is not None
+            and not fused
+            and not scaler_on
+            and self._policy is None
+            and not self._skip_policy()
+        ):
+            stats = self._clip()  # a plain optimizer, nothing to skip: the one fused clip op, then step()
+            optimizer.step()
+            return stats
         with torch.no_grad():
             want = True if self._skips is not None else None
             total, per_param = self._run(clip=False, want=want)
@@ -517,7 +528,6 @@ class Clipper:
             if self.nonfinite == "error":
                 self._raise_if_nonfinite(nonfinite, per_param)
             spike = self.history.is_spike(total) if self.history is not None else self._false
-            scaler_on = optimizer is not None and scaler is not None and scaler.is_enabled()
             skip = self._false
             if self.nonfinite == "skip" or scaler_on:  # a GradScaler skips non-finite steps anyway
                 skip = skip | nonfinite
