@@ -25,6 +25,7 @@ and clip in one multiplication with a scaler), then `step()`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -49,7 +50,9 @@ def fused_kind(optimizer: torch.optim.Optimizer) -> str | None:
             break
     else:
         return None
-    if type(optimizer).step is not cls.step:  # a subclass with its own step(): it may ignore them
+    # A subclass with its own step() may ignore them. torch wraps `step` per class on first
+    # construction (Optimizer._patch_step_function, functools.wraps), so compare unwrapped.
+    if inspect.unwrap(type(optimizer).step) is not inspect.unwrap(cls.step):
         return None
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return None

@@ -466,3 +466,19 @@ def test_optimizer_and_clipper_must_agree_on_parameters():
     for p, q in zip(ps, tps, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(p.grad, q.grad, rtol=4e-7, atol=1e-30)
+
+
+def test_detection_survives_torch_step_wrapping():
+    """torch wraps `step` per class on first construction; an AdamW built before any Adam gets a
+    wrapper of its own (regression: detection compared the wrapped functions)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from gradclip import optim; ps = [torch.nn.Parameter(torch.randn(3))];"
+        "a = torch.optim.AdamW(ps, fused=True); b = torch.optim.Adam(ps, fused=True);"
+        "assert torch.optim.AdamW.step is not torch.optim.Adam.step;"
+        "print(optim.fused_kind(a), optim.fused_kind(b))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AdamW", "Adam"]
