@@ -51,16 +51,13 @@ class History:
         width = n_params if per_param else 0
         self.buffers: dict[str, Tensor] = {
             "steps": torch.zeros((), dtype=torch.int64, **z),  # clip_() calls recorded so far
-            "norm": torch.full((size,), float("nan"), dtype=_F64, **z),
-            "coef": torch.full((size,), float("nan"), dtype=_F64, **z),
-            "flags": torch.zeros((size,), dtype=torch.uint8, **z),
+            # per step: (norm, coef, flags) in one row, so a step is one write
+            "scalars": torch.full((size, 3), float("nan"), dtype=_F64, **z),
             "per_param": torch.full((size, width), float("nan"), dtype=_F32, **z),
             "window": torch.zeros((window,), dtype=_F64, **z),
             "window_count": torch.zeros((), dtype=torch.int64, **z),  # finite norms ever recorded
             "event_count": torch.zeros((), dtype=torch.int64, **z),
-            "event_step": torch.full((EVENTS,), -1, dtype=torch.int64, **z),
-            "event_norm": torch.full((EVENTS,), float("nan"), dtype=_F64, **z),
-            "event_flags": torch.zeros((EVENTS,), dtype=torch.uint8, **z),
+            "event_scalars": torch.full((EVENTS, 3), float("nan"), dtype=_F64, **z),  # (step, norm, flags)
             "event_per_param": torch.full((EVENTS, width), float("nan"), dtype=_F32, **z),
         }
         self._window_slots = torch.arange(window, **z)
@@ -84,11 +81,11 @@ class History:
         """Append one step: ring slot steps % size, spike window (finite norms only), event if any."""
         b = self.buffers
         t = total.to(device=self.device, dtype=_F64).reshape(1)
-        flags = (spike.to(torch.uint8) * FLAG_SPIKE + nonfinite.to(torch.uint8) * FLAG_NONFINITE).reshape(1)
+        flags = (spike.to(_F64) * FLAG_SPIKE + nonfinite.to(_F64) * FLAG_NONFINITE).reshape(1)
         slot = torch.remainder(b["steps"], self.size).reshape(1)
-        b["norm"].index_copy_(0, slot, t)
-        b["coef"].index_copy_(0, slot, coef.to(device=self.device, dtype=_F64).reshape(1))
-        b["flags"].index_copy_(0, slot, flags)
+        b["scalars"].index_copy_(
+            0, slot, torch.cat([t, coef.to(device=self.device, dtype=_F64).reshape(1), flags])[None]
+        )
         row = None
         if self.per_param:
             row = per_param.to(device=self.device, dtype=_F32).reshape(1, self.n_params)
@@ -101,7 +98,6 @@ class History:
         # Events: written only on a spike or a non-finite norm.
         event = flags.ne(0)
         e_slot = torch.remainder(b["event_count"], EVENTS).reshape(1)
-        step = b["steps"].reshape(1)
 
         def keep(name: str, value: Tensor) -> None:
             buf = b[name]
@@ -109,9 +105,7 @@ class History:
             cond = event.reshape((1,) + (1,) * (old.dim() - 1))
             buf.index_copy_(0, e_slot, torch.where(cond, value, old))
 
-        keep("event_step", step)
-        keep("event_norm", t)
-        keep("event_flags", flags)
+        keep("event_scalars", torch.cat([b["steps"].to(_F64).reshape(1), t, flags])[None])
         if row is not None:
             keep("event_per_param", row)
         b["event_count"].add_(event.reshape(()).to(torch.int64))
@@ -151,13 +145,9 @@ class History:
         parts = [
             b["steps"].reshape(1).to(_F64),
             b["event_count"].reshape(1).to(_F64),
-            b["norm"],
-            b["coef"],
-            b["flags"].to(_F64),
+            b["scalars"].t().reshape(-1),  # norms, then coefs, then flags
             b["per_param"].reshape(-1).to(_F64),
-            b["event_step"].to(_F64),
-            b["event_norm"],
-            b["event_flags"].to(_F64),
+            b["event_scalars"].t().reshape(-1),  # steps, norms, flags
             b["event_per_param"].reshape(-1).to(_F64),
         ]
         flat = torch.cat(parts).cpu().tolist()  # the one transfer
