@@ -20,10 +20,13 @@ from gradclip.errors import (
 )
 from gradclip.patch import patch_torch, unpatch_torch
 from gradclip.per_param import per_param_norms
+from gradclip.thresholds import AGC, AutoClip, ZClip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AutoClip",
     "BackendUnavailableError",
     "ClipStats",
     "Clipper",
@@ -40,4 +43,5 @@ __all__ = [
     "patch_torch",
     "per_param_norms",
     "unpatch_torch",
+    "ZClip",
 ]

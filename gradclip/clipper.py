@@ -15,6 +15,12 @@ once from the parameters' devices and dtypes, which their gradients share), so a
 Extension points (issue 15 builds `step()` and the skip policies on them): `norms()` computes the
 norms without touching the gradients, `coefficient(total)` the clip coefficient, `observe(...)`
 the spike decision and the history update; `clip_()` is `norms + rescale` fused into one op.
+
+Issue 15: `step(optimizer, scaler=None)` replaces `scaler.unscale_(opt); clip_grad_norm_(...);
+scaler.step(opt)`, folding the coefficient into a fused optimizer's `grad_scale` and the skip
+decision into its `found_inf` (gradclip.optim); `max_norm` may be a threshold policy
+(gradclip.thresholds: ZClip, AutoClip, AGC); the `nonfinite`, `max_consecutive_skips` and
+`skip_spikes` policies decide skips on the device.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradclip import backends, labels, ops, reference, routing
+from gradclip import backends, labels, ops, optim, reference, routing
 from gradclip import history as history_mod
+from gradclip import thresholds as thresholds_mod
 
 NONFINITE_POLICIES = ("propagate", "error", "skip")
 _STATE_VERSION = 1
@@ -111,6 +118,76 @@ def _names_and_params(parameters: Any) -> tuple[list[str], list[Tensor]]:
     return names, params
 
 
+class _SkipCounter:
+    """Consecutive skipped steps, counted on the device, for max_consecutive_skips.
+
+    `record` updates the run length and, at the step where it reaches the limit, keeps which
+    parameters' gradients were non-finite; `check` raises once that has happened. On CPU the flag
+    is read directly (no device to wait for). On CUDA `record` starts a non-blocking copy of the
+    flag into pinned host memory with an event, and `check` only looks at copies whose event has
+    completed, so no call ever waits on the GPU: the error comes on the first call after the GPU
+    has finished the tripping step (usually the next one or two steps; those steps are skipped or
+    applied as their own norms decide).
+    """
+
+    def __init__(self, device: torch.device, n_params: int) -> None:
+        self.device = device
+        self.run = torch.zeros((), dtype=torch.int64, device=device)
+        self.tripped = torch.zeros((), dtype=torch.bool, device=device)
+        self.bad = torch.zeros(n_params, dtype=torch.bool, device=device)
+        self._pending: list[tuple[Tensor, Any]] = []
+        self.limit = 0
+
+    def record(self, skip: Tensor, per_param: Tensor | None, limit: int) -> None:
+        self.limit = limit
+        run = torch.where(skip, self.run + 1, torch.zeros_like(self.run))
+        reached = run >= limit
+        newly = reached & torch.logical_not(self.tripped)
+        if per_param is not None:
+            bad_now = torch.logical_not(torch.isfinite(per_param)).to(self.device)
+            self.bad = torch.where(newly, bad_now, self.bad)
+        self.tripped = self.tripped | reached
+        self.run = run
+        if self.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(self.tripped, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((host, event))
+
+    def _tripped_on_host(self) -> bool:
+        if self.device.type != "cuda":
+            return bool(self.tripped)  # CPU: a plain read, nothing to wait for
+        flag = False
+        while self._pending and self._pending[0][1].query():
+            flag |= bool(self._pending.pop(0)[0])
+        return flag
+
+    def check(self, names: tuple[str, ...]) -> None:
+        if not self._tripped_on_host():
+            return
+        bad = [n for n, b in zip(names, self.bad.tolist(), strict=True) if b]
+        self.run.zero_()
+        self.tripped.zero_()
+        self.bad.zero_()
+        self._pending.clear()
+        culprits = ", ".join(bad) if bad else "none (the steps were skipped as norm spikes)"
+        raise RuntimeError(
+            f"{self.limit} optimizer steps in a row were skipped (max_consecutive_skips={self.limit}); "
+            f"parameters whose gradients were non-finite at the step that reached the limit: {culprits}"
+        )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"run": self.run.clone(), "tripped": self.tripped.clone(), "bad": self.bad.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state["bad"].shape != self.bad.shape:
+            raise ValueError("state_dict['skips'] is for a different number of parameters")
+        self.run = state["run"].to(self.device).clone()
+        self.tripped = state["tripped"].to(self.device).clone()
+        self.bad = state["bad"].to(self.device).clone()
+
+
 def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -127,9 +204,21 @@ class Clipper:
     above the mean of the previous `spike_window` finite norms by `spike_sigma` standard
     deviations, once `spike_min_steps` are recorded (OLMo-core's defaults).
 
-    `nonfinite`, `max_consecutive_skips` and `skip_spikes` are the policies of issue 15: they are
-    validated here; only the default behaviour (nonfinite="propagate", no skipping: torch's) is
-    implemented so far.
+    `max_norm` may also be a threshold policy (`gradclip.ZClip`, `gradclip.AutoClip`: a global
+    threshold computed on the device each step; `gradclip.AGC`: unit-wise clipping), whose state is
+    part of `state_dict()`.
+
+    Policies for bad steps (issue 15), acted on by `step()`:
+    - nonfinite="propagate" (torch's behaviour), "error" (raise before anything is modified; one
+      host sync a step, as torch's error_if_nonfinite) or "skip" (a non-finite norm skips the
+      optimizer step: nothing is modified, `stats.skipped` is True);
+    - max_consecutive_skips=N: raise once N steps in a row were skipped, naming the parameters
+      whose gradients were non-finite. The run length is counted on the device; on CPU it is read
+      each step (free there), on a GPU through a non-blocking copy that is looked at on later
+      calls once it has landed, so the error comes a step or so late and never costs a sync;
+    - skip_spikes=True: also skip a step whose norm is a spike by the history rule.
+    Every decision derives from the total norm (and the history of it), which is identical on
+    every rank, so all ranks skip together.
 
     Every method but `metrics()`, `report()`, `plot()` and `state_dict()` runs without a host
     sync; `clip_()` works inside torch.compile(fullgraph=True).
@@ -152,7 +241,20 @@ class Clipper:
         skip_spikes: bool = False,
     ) -> None:
         names, params = _names_and_params(parameters)
-        self.max_norm = routing.check_bound(max_norm, "max_norm")
+        self._policy: Any = None  # a threshold policy of gradclip.thresholds, or None
+        if isinstance(max_norm, (thresholds_mod.ZClip, thresholds_mod.AutoClip, thresholds_mod.AGC)):
+            self._policy = max_norm
+            self.max_norm: Any = max_norm
+        elif isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool):
+            self.max_norm = routing.check_bound(max_norm, "max_norm")
+        elif hasattr(max_norm, "threshold") and hasattr(max_norm, "state_dict"):
+            self._policy = max_norm  # a user policy with ZClip's interface
+            self.max_norm = max_norm
+        else:
+            raise TypeError(
+                f"max_norm must be a number or a threshold policy (gradclip.ZClip, AutoClip, AGC), "
+                f"got {type(max_norm).__name__}"
+            )
         self.norm_type = routing.check_norm_type(norm_type)
         if not isinstance(per_param_norms, bool):
             raise TypeError(f"per_param_norms must be True or False, got {per_param_norms!r}")
@@ -175,11 +277,9 @@ class Clipper:
             raise TypeError(f"skip_spikes must be True or False, got {skip_spikes!r}")
         if skip_spikes and history == 0:
             raise ValueError("skip_spikes=True needs history > 0 (spikes are judged on the recorded norms)")
-        if nonfinite != "propagate" or max_consecutive_skips is not None or skip_spikes:
-            raise NotImplementedError(
-                "nonfinite='error'/'skip', max_consecutive_skips and skip_spikes are the skip "
-                "policies of issue 15 (Clipper.step), not implemented yet; use the defaults "
-                "(nonfinite='propagate', max_consecutive_skips=None, skip_spikes=False)"
+        if max_consecutive_skips is not None and nonfinite != "skip" and not skip_spikes:
+            raise ValueError(
+                "max_consecutive_skips needs a policy that skips: nonfinite='skip' or skip_spikes=True"
             )
         routing.check_grads(params)  # a gradient has its parameter's dtype and layout
         self.names: tuple[str, ...] = tuple(names)
@@ -205,6 +305,13 @@ class Clipper:
         out_dtype = reference.norm_dtype(routing.each("dtype", params))
         self._false = torch.zeros((), dtype=torch.bool, device=self.device)
         self._zero = torch.zeros((), dtype=out_dtype, device=self.device)
+        self._agc_index: list[int] = []
+        if isinstance(self._policy, thresholds_mod.AGC):
+            self._agc_index = [
+                i for i, (n, p) in enumerate(zip(names, params, strict=True)) if self._policy.selects(n, p)
+            ]
+        self._coverage_cache: dict[tuple, bool] = {}
+        self._skips = _SkipCounter(self.device, len(params)) if max_consecutive_skips is not None else None
         self.history: history_mod.History | None = None
         if history:
             self.history = history_mod.History(
@@ -238,10 +345,11 @@ class Clipper:
         # `None in grads` would call Tensor.__eq__ per entry (~15 us each); this is C-level identity.
         return grads, all(map(operator.is_not, grads, itertools.repeat(None)))
 
-    def _run(self, clip: bool) -> tuple[Tensor, Tensor | None]:
-        """(total, per_param or None) of the current gradients; rescaled in place when `clip`."""
+    def _run(self, clip: bool, want: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """(total, per_param or None) of the current gradients; rescaled in place when `clip`.
+        `want` overrides per_param_norms (the skip counter needs per-parameter norms)."""
         grads, complete = self._grads()
-        want = self.per_param_norms
+        want = self.per_param_norms if want is None else want
         max_norm, norm_type = self.max_norm, self.norm_type
         if complete and self._whole and not self._distributed:  # the fast path: one op
             backend = self._plan[0][0]
@@ -300,9 +408,10 @@ class Clipper:
         with torch.no_grad():
             return self._run(clip=False)
 
-    def coefficient(self, total: Tensor) -> Tensor:
-        """min(max_norm / (total + 1e-6), 1) on the device, as torch computes it (NaN stays NaN)."""
-        return reference.clip_coefficient(self.max_norm, total)
+    def coefficient(self, total: Tensor, threshold: Tensor | None = None) -> Tensor:
+        """min(max_norm / (total + 1e-6), 1) on the device, as torch computes it (NaN stays NaN).
+        `threshold` (a device tensor, from a threshold policy) replaces max_norm."""
+        return reference.clip_coefficient(self.max_norm if threshold is None else threshold, total)
 
     def observe(self, total: Tensor, coef: Tensor, per_param: Tensor | None, nonfinite: Tensor) -> Tensor:
         """Judge `total` by the spike rule and record the step in the history; returns `spike`
@@ -328,6 +437,8 @@ class Clipper:
         return self._clip()
 
     def _clip(self) -> ClipStats:
+        if self._policy is not None or self._skip_policy():
+            return self._decide_and_apply(None, None)
         with torch.no_grad():
             total, per_param = self._run(clip=True)
             coef = self.coefficient(total)
@@ -346,6 +457,170 @@ class Clipper:
             spike = self.observe(total, coef, per_param, nonfinite)
         return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
 
+    # -- issue 15: the optimizer step, skip policies, threshold policies ------------------------
+
+    def _skip_policy(self) -> bool:
+        return self.nonfinite != "propagate" or self.skip_spikes
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> ClipStats:
+        """Clip and step: replaces `scaler.unscale_(optimizer); torch.nn.utils.clip_grad_norm_(...);
+        scaler.step(optimizer)` (or `clip_grad_norm_(...); optimizer.step()` without a scaler).
+        Call `scaler.update()` afterwards as usual.
+
+        - A fused torch optimizer (Adam, AdamW, SGD, Adagrad with fused=True in every param group;
+          see gradclip.optim.fused_kind): the gradients are read once for the norm (scaled ones
+          with a GradScaler, the norm unscaled on the device); the optimizer applies the clip
+          coefficient through `grad_scale` (1 / coef, or scale / coef) and skips through
+          `found_inf`. No host sync, no rescale pass; on a skipped step parameters, optimizer state
+          and gradients are left as they were.
+        - Any other optimizer: norm, one in-place rescale (unscale and clip in one multiplication
+          with a scaler), then `optimizer.step()`. When a step may be skipped (a GradScaler, or
+          nonfinite="skip" / skip_spikes) the skip flag is read on the host: one sync a step, as
+          GradScaler.step itself does for such optimizers.
+        - With a GradScaler, `scaler.update()` sees the inf check it would have seen (steps skipped
+          as spikes do not back the scale off), and scaler.step must not be called for this
+          optimizer in the same iteration.
+
+        The result equals torch's sequence within the rounding of one multiplication per gradient
+        element. Returns the step's ClipStats: total_norm unscaled, `skipped` True when the
+        optimizer step was not applied (non-finite with a scaler or nonfinite="skip", or a spike
+        with skip_spikes=True). Not for torch.compile (it calls optimizer.step()).
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if labels.recording():
+            with labels.region("gradclip.Clipper.step", self.device.type):
+                return self._decide_and_apply(optimizer, scaler)
+        return self._decide_and_apply(optimizer, scaler)
+
+    def _decide_and_apply(self, optimizer: Any, scaler: Any) -> ClipStats:
+        """The general path shared by clip_() (optimizer None) and step()."""
+        if self._skips is not None:
+            self._skips.check(self.names)  # an earlier step's trip, once its copy has landed
+        fused = (
+            optimizer is not None and self._coverage(optimizer) and optim.fused_kind(optimizer) is not None
+        )
+        inv_scale, prior_inf = (
+            optim.scaler_state(scaler, optimizer) if optimizer is not None else (None, None)
+        )
+        scaler_on = optimizer is not None and scaler is not None and scaler.is_enabled()
+        if (
+            optimizer is not None
+            and not fused
+            and not scaler_on
+            and self._policy is None
+            and not self._skip_policy()
+        ):
+            stats = self._clip()  # a plain optimizer, nothing to skip: the one fused clip op, then step()
+            optimizer.step()
+            return stats
+        with torch.no_grad():
+            want = True if self._skips is not None else None
+            total, per_param = self._run(clip=False, want=want)
+            overflow = torch.logical_not(torch.isfinite(total))  # what the scaler's inf check sees
+            if prior_inf is not None:
+                overflow = overflow | (prior_inf.to(overflow.device) > 0)
+            if inv_scale is not None:
+                inv = inv_scale.to(device=total.device, dtype=total.dtype)
+                total = total * inv
+                per_param = per_param * inv if per_param is not None else None
+            nonfinite = torch.logical_not(torch.isfinite(total)) | overflow
+            if self.nonfinite == "error":
+                self._raise_if_nonfinite(nonfinite, per_param)
+            spike = self.history.is_spike(total) if self.history is not None else self._false
+            skip = self._false
+            if self.nonfinite == "skip" or scaler_on:  # a GradScaler skips non-finite steps anyway
+                skip = skip | nonfinite
+            if self.skip_spikes:
+                skip = skip | spike
+            may_skip = self.nonfinite == "skip" or self.skip_spikes or scaler_on
+            accept = torch.logical_not(skip | nonfinite)
+            threshold = None
+            if self._policy is not None and not isinstance(self._policy, thresholds_mod.AGC):
+                threshold = self._policy.threshold(total, accept)
+            coef = (
+                self.coefficient(total, threshold)
+                if not isinstance(self._policy, thresholds_mod.AGC)
+                else None
+            )
+            grads = list(routing.each("grad", self._params))
+            if isinstance(self._policy, thresholds_mod.AGC):
+                pairs = [(self._params[i], grads[i]) for i in self._agc_index if grads[i] is not None]
+                coef = self._policy.clip_(
+                    [p for p, _ in pairs], [g for _, g in pairs], inv_scale, skip=skip if may_skip else None
+                ).to(total.dtype)
+                factor = None  # the gradients are clipped; only the scaler's unscale remains
+            else:
+                factor = coef
+            stats_coef = torch.where(skip, torch.ones_like(coef), coef) if may_skip else coef
+            if self.history is not None:
+                self.history.record(total, stats_coef, per_param, spike, nonfinite)
+            present = [g for g in grads if g is not None]
+            if optimizer is None:  # clip_(): rescale unless skipped; the step is the caller's
+                if factor is not None:
+                    optim.scale_(
+                        present, torch.where(skip, torch.ones_like(factor), factor) if may_skip else factor
+                    )
+            elif fused:
+                scale = optim.scaler_scale(scaler) if inv_scale is not None else None
+                grad_scale = None
+                if factor is not None:
+                    grad_scale = factor.reciprocal() if scale is None else scale.to(factor.device) / factor
+                elif scale is not None:
+                    grad_scale = scale
+                optim.fused_step(optimizer, grad_scale, skip.to(torch.float32) if may_skip else None)
+            else:
+                if inv_scale is not None:
+                    inv = inv_scale.to(total.device)
+                    factor = inv if factor is None else factor.to(torch.float32) * inv
+                optim.plain_step(optimizer, present, factor, skip if may_skip else None)
+            if optimizer is not None:
+                optim.record_scaler_step(scaler, optimizer, overflow.to(torch.float32))
+            if self._skips is not None:
+                self._skips.record(skip, per_param, self.max_consecutive_skips)
+        stats = ClipStats(
+            total, stats_coef, per_param if self.per_param_norms else None, nonfinite, spike, skip, self.names
+        )
+        if self._skips is not None:
+            self._skips.check(self.names)
+        return stats
+
+    def _coverage(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Raise unless every parameter of `optimizer` is one this clipper clips (torch's sequence
+        would unscale/step gradients the clip never saw). True when the two hold the same
+        parameters: only then can the coefficient ride in the optimizer's grad_scale (which
+        applies to all of its gradients and to none of the clipper's others); False sends the
+        step down the plain path, which rescales exactly the clipper's gradients."""
+        key = (id(optimizer), tuple(len(g["params"]) for g in optimizer.param_groups))
+        cached = self._coverage_cache.get(key)
+        if cached is not None:
+            return cached
+        mine = {id(p) for p in self._params}
+        theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not theirs <= mine:
+            raise ValueError(
+                f"optimizer holds {len(theirs - mine)} parameter(s) this Clipper does not clip; build the "
+                "Clipper over every parameter the optimizer steps"
+            )
+        self._coverage_cache[key] = exact = theirs == mine
+        return exact
+
+    def _raise_if_nonfinite(self, nonfinite: Tensor, per_param: Tensor | None) -> None:
+        if not bool(nonfinite):  # the one host sync of nonfinite="error", as torch's error_if_nonfinite
+            return
+        if per_param is None:
+            per_param = self._run(clip=False, want=True)[1]
+        bad = [
+            n
+            for n, f in zip(self.names, torch.logical_not(torch.isfinite(per_param)).tolist(), strict=True)
+            if f
+        ]
+        raise RuntimeError(
+            f"the total gradient norm of order {self.norm_type} is non-finite (nonfinite='error'); "
+            f"non-finite gradients: {', '.join(bad) if bad else '(none: the norm overflowed)'}. "
+            "Nothing was modified."
+        )
+
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -353,12 +628,16 @@ class Clipper:
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "names": list(self.names),
-            "max_norm": self.max_norm,
+            "max_norm": self.max_norm if self._policy is None else repr(self._policy),
             "norm_type": self.norm_type,
             "per_param_norms": self.per_param_norms,
         }
         if self.history is not None:
             state["history"] = self.history.state_dict()
+        if self._policy is not None:
+            state["threshold"] = {"policy": type(self._policy).__name__, "state": self._policy.state_dict()}
+        if self._skips is not None:
+            state["skips"] = self._skips.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -376,6 +655,21 @@ class Clipper:
             raise ValueError(
                 f"state_dict {has} history, this clipper was built with history={bool(self.history)}"
             )
+        threshold = state.get("threshold")
+        if (threshold is None) != (self._policy is None):
+            raise ValueError("state_dict and this clipper disagree on whether max_norm is a threshold policy")
+        if threshold is not None and threshold["policy"] != type(self._policy).__name__:
+            raise ValueError(
+                f"state_dict holds a {threshold['policy']} state, this clipper a {type(self._policy).__name__}"
+            )
+        if ("skips" in state) != (self._skips is not None):
+            raise ValueError("state_dict and this clipper disagree on max_consecutive_skips")
+        if self.history is not None:
+            self.history.check_state_dict(saved)
+        if threshold is not None:
+            self._policy.load_state_dict(threshold["state"])
+        if self._skips is not None:
+            self._skips.load_state_dict(state["skips"])
         if self.history is not None:
             self.history.load_state_dict(saved)
 

@@ -154,12 +154,10 @@ def test_names_and_metrics():
         (dict(spike_sigma=float("inf")), ValueError, "spike_sigma"),
         (dict(per_param_norms=1), TypeError, "per_param_norms"),
         (dict(nonfinite="ignore"), ValueError, "nonfinite"),
-        (dict(nonfinite="skip"), NotImplementedError, "issue 15"),
-        (dict(nonfinite="error"), NotImplementedError, "issue 15"),
         (dict(max_consecutive_skips=0), ValueError, "max_consecutive_skips"),
-        (dict(max_consecutive_skips=3), NotImplementedError, "issue 15"),
+        (dict(max_consecutive_skips=3), ValueError, "max_consecutive_skips"),  # issue 15: needs a skip policy
         (dict(skip_spikes=True), ValueError, "history"),
-        (dict(skip_spikes=True, history=8), NotImplementedError, "issue 15"),
+        (dict(max_norm="1.0"), TypeError, "max_norm"),  # issue 15: a number or a threshold policy
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, match):
