@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     from gradclip import _C
 
     where = os.path.realpath(_C.__file__)
-    print(f"gradclip._C: {where} (torch {torch.__version__}, CUDA {torch.version.cuda}, WITH_CUDA={_C.WITH_CUDA})")
+    print(
+        f"gradclip._C: {where} (torch {torch.__version__}, CUDA {torch.version.cuda}, WITH_CUDA={_C.WITH_CUDA})"
+    )
     problems = []
     if args.expect_from and not where.startswith(os.path.realpath(args.expect_from) + os.sep):
         problems.append(f"gradclip._C was loaded from {where}, not from under {args.expect_from}")
