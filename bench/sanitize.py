@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             scratch.partials.fill_(math.nan)
             before = int(scratch.sync.item())
 
-            def check():
+            def verify():
                 if not fused:
                     return
                 if not bool(scratch.partials.isfinite().all()):
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{_backend} {what}: barrier counter unchanged (the fused launch did not run)"
                     )
 
-            return check
+            return verify
 
         for many in (False, True) if device.type == "cuda" else (False,):  # the interpreter is slow
             tag = " (1,100+ tensors)" if many else ""
