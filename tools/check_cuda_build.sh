@@ -14,7 +14,7 @@
 #   4. ptxas registers / spills of every kernel of the build, per arch; any spill fails.
 # It proves compile, link, symbol and registration errors of the binding are absent; it runs no kernel.
 # Environment: GRADCLIP_CUDA_VENV, GRADCLIP_CUDA_TORCH (pip requirement, default torch==2.14.1),
-# GRADCLIP_CUDA_WHEELS (space-separated local wheel dirs), GRADCLIP_CUDA_BUILD_DIR, CUDA_HOME,
+# GRADCLIP_CUDA_WHEELS (space-separated local wheel dirs), GRADCLIP_CUDA_INDEXES (file:// indexes only), GRADCLIP_CUDA_BUILD_DIR, CUDA_HOME,
 # TORCH_CUDA_ARCH_LIST, MAX_JOBS (default: all cores).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +22,7 @@ cd "$ROOT"
 CVENV="${GRADCLIP_CUDA_VENV:-$HOME/.cache/gradclip-cuda-venv}"
 CTORCH="${GRADCLIP_CUDA_TORCH:-torch==2.14.1}"
 WHEELS="${GRADCLIP_CUDA_WHEELS:-/opt/pypi-more/files /opt/pypi/files /opt/wheels}"
+INDEXES="${GRADCLIP_CUDA_INDEXES:-file:///opt/pypi/simple file:///opt/pypi-more/simple}"
 BUILD="${GRADCLIP_CUDA_BUILD_DIR:-$ROOT/build/cuda-build}"
 ARCHS="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 CPY="$CVENV/bin/python"
@@ -49,16 +50,44 @@ if ! venv_ready; then
   t=$(date +%s)
   rm -rf "$CVENV"
   mkdir -p "$(dirname "$CVENV")"
-  links=()
-  for d in $WHEELS; do [ -d "$d" ] && links+=(--find-links "$d"); done
+  # Local sources only: pip's own config is ignored (PIP_CONFIG_FILE=/dev/null) and every index is a
+  # file:// folder, so nothing can be downloaded.
+  src=(--disable-pip-version-check)
+  first=1
+  for idx in $INDEXES; do
+    case "$idx" in file://*) ;; *) die "GRADCLIP_CUDA_INDEXES may name file:// indexes only, got $idx" ;; esac
+    [ -d "${idx#file://}" ] || continue
+    if [ $first = 1 ]; then src+=(--index-url "$idx"); first=0; else src+=(--extra-index-url "$idx"); fi
+  done
+  [ $first = 1 ] && src+=(--no-index)
+  for d in $WHEELS; do [ -d "$d" ] && src+=(--find-links "$d"); done
   python3 -m venv "$CVENV" || die "python3 -m venv $CVENV"
-  # --no-index: only the local wheel directories are read; nothing can be downloaded.
-  if ! "$CPY" -m pip install -q --disable-pip-version-check --no-index "${links[@]}" \
-    "$CTORCH" ninja numpy pybind11 setuptools wheel >"$CVENV.log" 2>&1; then
-    tail -n 20 "$CVENV.log" >&2
-    rm -rf "$CVENV"
-    skip "the local wheels do not make a CUDA torch venv (log: $CVENV.log); nothing was downloaded"
+  export PIP_CONFIG_FILE=/dev/null
+  if ! "$CPY" -m pip install -q "${src[@]}" "$CTORCH" ninja numpy pybind11 setuptools wheel >"$CVENV.log" 2>&1; then
+    # Some dependency is not on local disk (here: cuda-bindings). torch itself and the build need
+    # none of the missing ones: install torch alone, then each requirement that resolves locally.
+    say "the full local resolve failed ($(grep -m1 'No matching distribution' "$CVENV.log" | cut -c1-120)); installing torch, then each dependency found locally"
+    "$CPY" -m pip install -q "${src[@]}" --no-deps "$CTORCH" >>"$CVENV.log" 2>&1 || {
+      tail -n 20 "$CVENV.log" >&2
+      rm -rf "$CVENV"
+      skip "no local wheel installs $CTORCH (log: $CVENV.log); nothing was downloaded"
+    }
+    reqs="$("$CPY" -c '
+import importlib.metadata as m
+from pip._vendor.packaging.requirements import Requirement
+for r in m.requires("torch") or []:
+    q = Requirement(r)
+    if q.marker is None or q.marker.evaluate({"extra": ""}):
+        q.marker = None
+        print(str(q).replace(" ", ""))
+')"
+    missing=""
+    for r in $reqs ninja numpy pybind11 setuptools wheel; do
+      "$CPY" -m pip install -q "${src[@]}" "$r" >>"$CVENV.log" 2>&1 || missing="$missing $r"
+    done
+    say "not on local disk, left out:${missing:- nothing}"
   fi
+  unset PIP_CONFIG_FILE
   venv_ready || die "the new venv $CVENV does not import a CUDA torch"
   say "venv created in $(($(date +%s) - t)) s"
 fi
