@@ -6,11 +6,14 @@ where TRITON_INTERPRET=1 was set before triton was imported (triton fixes the fl
 @triton.jit function at import); CUDA tensors only in a process where it was not.
 
 Guarantees, per op call on the gradients of one device (fp32/fp16/bf16, mixed; p in {1, 2, inf}):
-- GPU: one kernel launch (`clip_grad_norm_`, `total_norm`, `clip_grads_with_norm_`,
-  `clip_grad_value_`), no host synchronisation, and, once the tensor table of this exact set of
-  gradients is cached, no host-to-device copy and no allocation except the returned 0-dim norm:
-  safe to capture in a CUDA graph after one warm-up call (a call that misses the cache while
-  capturing runs the reference instead: building a table is not capturable).
+- GPU: one kernel launch (`clip_grad_norm_`, `total_norm`, `clip_grads_with_norm_` with an fp32
+  or lower `total_norm`, `clip_grad_value_`), no host synchronisation once the tensor table of this
+  exact set of gradients is cached (building it synchronises once), and then no host-to-device
+  copy and no allocation except the returned 0-dim norm (and, on a stream's first call, that
+  stream's 8P + 4 bytes of scratch): safe to capture in a CUDA graph after one warm-up call (a
+  call that misses the cache while capturing runs the reference instead: building a table is not
+  capturable). An fp64 `total_norm` given to `clip_grads_with_norm_` runs torch's own fp64
+  coefficient and `_foreach_mul_` (the reference), as torch and the CUDA backend keep fp64 there.
 - The norm is a 0-dim fp32 tensor on the gradients' device, accumulated in fp64 (see
   triton_kernels/clip_grad_norm.py), bitwise reproducible, within the tolerance of the fp64
   reference; NaN/inf propagate as in torch. When the clip coefficient clamps to 1 no gradient is
@@ -30,8 +33,25 @@ Tensor table (int64, on the device, one per distinct tuple of (data_ptr, numel, 
 Program p owns chunks [p*C//P, (p+1)*C//P) of the C chunks (BLOCK elements, never spanning two
 tensors), so the work is split evenly whatever the tensor sizes, and a per-tensor result (per-
 parameter norms) can later be added by the program owning the tensor's chunks. The cache entry
-also holds the fp64 partial slots and the never-reset barrier counter, so nothing is allocated
-or copied on a cache hit; entries used while a CUDA graph was being captured are never evicted.
+also holds, per CUDA stream that launched on it, the fp64 partial slots and the never-reset
+barrier counter, so nothing is allocated or copied on a cache hit; entries used while a CUDA graph
+was being captured are never evicted.
+
+Streams (review fixes):
+- Cold path: a new table is copied to the device with a blocking copy (the host waits for the
+  current stream, once, as the CUDA binding does), so a first launch on any stream reads a filled
+  table.
+- The table is shared by every stream; a stream other than the one it was allocated on is recorded
+  on it (`record_stream`, once per stream), so evicting the entry never frees memory a kernel on
+  another stream still reads.
+- The partial slots and the barrier counter are per stream, allocated and zeroed on the stream
+  that uses them (stream order makes them ready; no sync), so launches on two streams never share
+  a counter. Work on one stream is ordered, so one entry can serve eager calls on one stream and a
+  graph replayed beside them. A call captured into a CUDA graph gets scratch of its own, zeroed
+  inside the graph at each replay (a 4-byte memset node), so two graphs never share a counter.
+- GRADCLIP_DEBUG=1 (or `triton_backend.DEBUG = True`) checks before every norm launch that the
+  counter's low 31 bits are 0 (the barrier's invariant; a launch killed midway would break it for
+  good) and raises naming the fix; it reads the counter on the host, so it synchronises.
 """
 
 from __future__ import annotations
@@ -40,8 +60,9 @@ import collections
 import functools
 import importlib
 import math
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -66,6 +87,8 @@ _DTYPE_TAG = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ALIGNED16 = 4
 
 _config = {"block": BLOCK, "num_programs": None}
+# Checks that cost a host sync (the barrier counter's invariant); off by default.
+DEBUG = os.environ.get("GRADCLIP_DEBUG", "0") == "1"
 
 
 def configure(block: int | None = None, num_programs: int | None = None) -> None:
@@ -125,25 +148,44 @@ _kernels: dict[str, object] = {}
 
 
 @dataclass
+class _Scratch:
+    """Per-stream launch state of one table: never shared between two streams."""
+
+    partials: Tensor  # fp64 [P], one slot per program, NaN-poisoned when made
+    sync: Tensor  # int32 [1], barrier counter, zero when made, never reset
+
+
+@dataclass
 class _Table:
     """Everything a launch needs for one set of gradients, resident on their device."""
 
-    table: Tensor  # int64, layout in the module docstring
+    table: Tensor  # int64, layout in the module docstring; read-only once built
     num_tensors: int
     total_chunks: int
     num_programs: int
     p_pow2: int
-    partials: Tensor  # fp64 [P]
-    sync: Tensor  # int32 [1], barrier counter, never reset
     arrive_first: int  # program 0's barrier increment: 2^31 - (P - 1), as an int32
     interpret: bool
-    host: Tensor | None = None  # pinned source of `table`, kept alive until the copy is done
+    home_stream: int  # stream_id the table was allocated on (0 for CPU tensors)
+    scratch: dict = field(default_factory=dict)  # stream_id -> _Scratch
+    recorded: set = field(default_factory=set)  # streams recorded on `table`
+    graph_scratch: list = field(default_factory=list)  # scratch made while capturing (kept alive)
     captured: bool = False
+
+    # The current stream's scratch (compatibility: tests and callers read entry.partials / .sync).
+    @property
+    def partials(self) -> Tensor:
+        return _scratch(self).partials
+
+    @property
+    def sync(self) -> Tensor:
+        return _scratch(self).sync
 
 
 _cache: collections.OrderedDict = collections.OrderedDict()
-# Guards _cache: an OrderedDict mutated (move_to_end, insert, evict) in one thread while another
-# iterates it in the eviction loop raises "mutated during iteration". (Review fix.)
+# Guards _cache and each entry's scratch/recorded: an OrderedDict mutated (move_to_end, insert,
+# evict) in one thread while another iterates it in the eviction loop raises "mutated during
+# iteration". (Review fix.)
 _cache_lock = threading.Lock()
 _sm_count: dict[int, int] = {}
 
@@ -161,6 +203,14 @@ def _grid_size(device: torch.device, total_chunks: int) -> int:
     return max(1, min(programs, total_chunks))
 
 
+def _stream_of(device: torch.device):
+    """(stream_id, stream) the next launch on `device` goes to; (0, None) for CPU tensors."""
+    if device.type != "cuda":
+        return 0, None
+    stream = torch.cuda.current_stream(device)
+    return stream.stream_id, stream
+
+
 def _build(grads: list[Tensor], device: torch.device) -> _Table:
     block = _config["block"]
     ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
@@ -176,12 +226,10 @@ def _build(grads: list[Tensor], device: torch.device) -> _Table:
     ranges = torch.stack([first, last], 1).reshape(-1)
     host = torch.cat([ptrs, numels, tags, chunk_end - (numels + block - 1) // block, ranges])
     interpret = device.type != "cuda"
-    if interpret:
-        table = host
-        host = None
-    else:
-        host = host.pin_memory()
-        table = host.to(device, non_blocking=True)
+    home, _ = _stream_of(device)
+    # Review fix: a blocking copy (the host waits for the current stream once, on this cold path
+    # only, as the CUDA binding does), so a first launch on ANY stream reads a filled table.
+    table = host if interpret else host.to(device, non_blocking=False)
     arrive_first = (2**31 - (programs - 1)) % 2**32
     return _Table(
         table=table,
@@ -189,12 +237,66 @@ def _build(grads: list[Tensor], device: torch.device) -> _Table:
         total_chunks=total_chunks,
         num_programs=programs,
         p_pow2=triton.next_power_of_2(programs),
-        partials=torch.full((programs,), math.nan, dtype=torch.float64, device=device),
-        sync=torch.zeros(1, dtype=torch.int32, device=device),
         arrive_first=arrive_first - 2**32 if arrive_first >= 2**31 else arrive_first,
         interpret=interpret,
-        host=host,
+        home_stream=home,
     )
+
+
+def _scratch(entry: _Table) -> _Scratch:
+    """The current stream's partial slots and barrier counter for `entry`, made on first use.
+
+    Made on the stream that uses them (NaN fill and zeroing are ordered before its launches there),
+    so no synchronisation is needed and no other stream ever touches them. A stream other than the
+    table's own is recorded on the table once, so freeing the entry waits for that stream's work.
+    While a CUDA graph is captured, every call gets fresh scratch whose counter is zeroed inside the
+    graph (one 4-byte memset node per replay), so no two graphs, nor a graph and eager calls, share
+    a counter; the entry keeps it alive (captured entries are never evicted).
+    """
+    device = entry.table.device
+    key, stream = _stream_of(device)
+    _record(entry, key, stream)
+    if stream is not None and torch.cuda.is_current_stream_capturing():
+        made = _Scratch(
+            partials=torch.empty((entry.num_programs,), dtype=torch.float64, device=device),
+            sync=torch.zeros(1, dtype=torch.int32, device=device),
+        )
+        with _cache_lock:
+            entry.graph_scratch.append(made)
+        return made
+    found = entry.scratch.get(key)
+    if found is not None:
+        return found
+    with _cache_lock:
+        found = entry.scratch.get(key)
+        if found is None:
+            found = entry.scratch[key] = _Scratch(
+                partials=torch.full((entry.num_programs,), math.nan, dtype=torch.float64, device=device),
+                sync=torch.zeros(1, dtype=torch.int32, device=device),
+            )
+    return found
+
+
+def _record(entry: _Table, key: int, stream) -> None:
+    """Record `stream` on the shared table once, unless it is the table's own (or a CPU tensor)."""
+    if stream is None or key == entry.home_stream or key in entry.recorded:
+        return
+    with _cache_lock:
+        if key not in entry.recorded:
+            entry.table.record_stream(stream)
+            entry.recorded.add(key)
+
+
+def _check_counter(scratch: _Scratch) -> None:
+    """DEBUG only (a host sync): the barrier's invariant, the counter's low 31 bits are 0."""
+    value = int(scratch.sync.item())
+    if value & 0x7FFFFFFF:
+        raise RuntimeError(
+            f"gradclip triton backend: grid-barrier counter is {value:#010x}, its low 31 bits are not 0 "
+            "(a launch on this entry was interrupted, or two launches overlapped on one stream's counter); "
+            "every later fused launch on it would deadlock or race. Fix: "
+            "gradclip.triton_backend.configure() drops the cached tables; then find the overlapping launch"
+        )
 
 
 def _is_dense(g: Tensor) -> bool:
@@ -258,13 +360,16 @@ def _launch_norm(
     entry: _Table, norm: Tensor, max_norm: float, norm_code: int, scale: bool, phase: int
 ) -> None:
     kernel = _kernel("clip_grad_norm", norm.device)
+    scratch = _scratch(entry)  # this stream's own slots and counter (see the module docstring)
+    if DEBUG and not (norm.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _check_counter(scratch)
     args = (
         entry.table,
         entry.num_tensors,
         entry.total_chunks,
-        entry.partials,
+        scratch.partials,
         norm,
-        entry.sync,
+        scratch.sync,
         float(max_norm),
         entry.arrive_first,
     )
@@ -324,9 +429,12 @@ def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float) -> T
 def clip_grads_with_norm_(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
     """Scale by min(max_norm / (total_norm + 1e-6), 1) read on the device; no write when it is 1.
 
-    A total_norm that is not fp32 is converted to fp32 on the device first (one extra tiny op).
+    An fp16/bf16 total_norm is converted to fp32 on the device first (one extra tiny op; exact).
+    An fp64 one runs the reference: torch's coefficient in fp64, then its `_foreach_mul_` (review
+    fix: converting it to fp32 first rounded the norm before the coefficient, where torch and the
+    CUDA backend stay in fp64).
     """
-    entry = _table(grads)
+    entry = _table(grads) if total_norm.dtype != torch.float64 else None
     if entry is None:
         reference.clip_grads_with_norm_(grads, max_norm, total_norm)
         return
@@ -335,19 +443,31 @@ def clip_grads_with_norm_(grads: list[Tensor], max_norm: float, total_norm: Tens
 
 
 def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
-    """Clamp every gradient to [-clip_value, clip_value] in place: one launch; NaN stays NaN."""
+    """Clamp every gradient to [-clip_value, clip_value] in place: one launch; NaN stays NaN.
+
+    Bit-for-bit torch's `_foreach_clamp_min_(-v)` then `_foreach_clamp_max_(v)` on the same device:
+    on CUDA a tie returns the bound (so v = 0 turns every non-NaN element into +0.0, as CUDA torch);
+    CPU tensors (the interpreter) keep CPU torch's element on a tie (-0.0 stays -0.0).
+    """
     entry = _table(grads)
     if entry is None:
         reference.clip_grad_value_(grads, clip_value)
         return
-    kernel = _kernel("clip_grad_value", grads[0].device)
+    _launch_value(entry, grads[0].device, clip_value, ties_to_bound=grads[0].device.type == "cuda")
+
+
+def _launch_value(entry: _Table, device: torch.device, clip_value: float, ties_to_bound: bool) -> None:
+    kernel = _kernel("clip_grad_value", device)
     grid = (entry.num_programs,)
     args = (entry.table, entry.num_tensors, entry.total_chunks, float(clip_value))
+    meta = dict(BLOCK=_config["block"], TIES_TO_BOUND=ties_to_bound, num_warps=NUM_WARPS)
     if entry.interpret:
-        kernel[grid](*args, BLOCK=_config["block"], num_warps=NUM_WARPS)
+        kernel[grid](*args, **meta)
         return
-    with torch.cuda.device(grads[0].device):
-        kernel[grid](*args, BLOCK=_config["block"], num_warps=NUM_WARPS)
+    key, stream = _stream_of(device)
+    _record(entry, key, stream)
+    with torch.cuda.device(device):
+        kernel[grid](*args, **meta)
 
 
 # --- per-parameter norms (issue 14) ----------------------------------------------------------------

@@ -272,7 +272,8 @@ def test_clip_grads_with_norm(interp, norm, expect):
 @pytest.mark.parametrize("value", [0.7, 0.0, -0.5, math.nan], ids=["0.7", "zero", "negative", "nan"])
 @pytest.mark.parametrize("dtypes", DTYPE_CASES.values(), ids=DTYPE_CASES.keys())
 def test_clip_grad_value(interp, dtypes, value):
-    """Exactly clamp_min_(-v) then clamp_max_(v): also for v = 0 (-0.0 below), v < 0 (all v), v = NaN."""
+    """CPU tensors: exactly CPU torch's clamp_min_(-v) then clamp_max_(v): also for v = 0 (-0.0
+    below), v < 0 (all v), v = NaN. (CUDA tensors follow CUDA torch: see the next test.)"""
     grads = make_grads(SHAPES, dtypes, scale=2.0)
     grads[1][0], grads[1][1] = math.nan, -math.inf
     ref = [g.clone() for g in grads]
@@ -284,6 +285,102 @@ def test_clip_grad_value(interp, dtypes, value):
         torch.testing.assert_close(g, r, equal_nan=True, **tol)
         zeros = r == 0  # the sign of a clamped zero: -0.0 for elements below -0.0
         assert torch.equal(g[zeros].signbit(), r[zeros].signbit())
+
+
+def cuda_torch_clamp(g, v):
+    """CUDA torch's _foreach_clamp_min_(-v) then _foreach_clamp_max_(v), modelled on the CPU from
+    ATen's foreach functors (maximum(a, b) = isnan(a) || a > b ? a : b; minimum alike): fp32 opmath,
+    rounded to the dtype after each op, a tie returns the bound. test_gpu_review.py checks the model
+    against CUDA torch itself."""
+    lo, hi = torch.tensor(-float(v)), torch.tensor(float(v))
+    x = g.float()
+    t = torch.where(x.isnan() | (x > lo), x, lo).to(g.dtype).float()
+    return torch.where(t.isnan() | (t < hi), t, hi).to(g.dtype)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.75], ids=["zero", "0.75"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+def test_clip_grad_value_ties_as_cuda_torch(interp, dtype, value):
+    """The kernel's CUDA flavour (TIES_TO_BOUND, what CUDA tensors get): a tie returns the bound, so
+    v = 0 gives +0.0 for every non-NaN element (review fix: it gave CPU torch's -0.0)."""
+    grads = make_grads(SHAPES, dtype, scale=2.0)
+    special = torch.tensor([-0.0, 0.0, -1.0, 1.0, value, -value, math.nan, -math.inf, math.inf])
+    grads[0][: special.numel()] = special.to(dtype)
+    want = [cuda_torch_clamp(g, value) for g in grads]
+    entry = interp._table(grads)
+    interp._launch_value(entry, grads[0].device, value, ties_to_bound=True)
+    for g, w in zip(grads, want, strict=True):
+        assert torch.equal(bits(g), bits(w))  # every bit, the signs of zeros included
+    if value == 0.0:
+        assert not any(g[g == 0].signbit().any() for g in grads)  # +0.0 only
+
+
+def test_fp64_total_norm_keeps_an_fp64_coefficient(interp):
+    """clip_grads_with_norm_ with an fp64 total_norm: torch's fp64 coefficient, not the coefficient
+    of the norm rounded to fp32 first (review fix)."""
+    max_norm = 1.0
+
+    def coef32_of_rounded(n):  # what rounding the norm to fp32 first gave
+        n32 = torch.tensor(n, dtype=torch.float32)
+        return (torch.reciprocal(n32 + 1e-6) * max_norm).clamp(max=1.0)
+
+    def coef_torch(n):
+        return torch.clamp(max_norm / (torch.tensor(n, dtype=torch.float64) + 1e-6), max=1.0).float()
+
+    norm = next(
+        (n for n in (3.0 + k * 1.3e-8 for k in range(1, 2000)) if coef32_of_rounded(n) != coef_torch(n)), None
+    )
+    assert norm is not None, "no fp64 norm whose fp32 rounding changes the coefficient"
+    grads = make_grads(SHAPES, torch.float32, scale=4.0)
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()  # torch's function reads .grad of parameters
+    interp.clip_grads_with_norm_(grads, max_norm, torch.tensor(norm, dtype=torch.float64))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm, dtype=torch.float64))
+    theirs = [p.grad for p in params]
+    assert all(torch.equal(bits(g), bits(t)) for g, t in zip(grads, theirs, strict=True))
+    rounded_first = [t / coef_torch(norm) * coef32_of_rounded(norm) for t in theirs]
+    assert not all(torch.equal(bits(g), bits(r)) for g, r in zip(grads, rounded_first, strict=True))
+
+
+def test_scratch_is_per_stream(interp, monkeypatch):
+    """Partial slots and barrier counter are per stream (the stream key is faked: CPU tensors have
+    one); the table is shared; results do not depend on the stream."""
+    grads = make_grads(SHAPES, DTYPE_CASES["mixed"])
+    entry = interp._table(grads)
+    first = interp.total_norm(grads, 2.0)
+    home = entry.partials
+    monkeypatch.setattr(interp, "_stream_of", lambda device: (12345, None))
+    other = interp._scratch(entry)
+    assert (
+        other.partials.data_ptr() != home.data_ptr()
+        and other.sync.data_ptr() != entry.scratch[0].sync.data_ptr()
+    )
+    assert other.partials.isnan().all() and other.sync.item() == 0  # fresh: poisoned slots, zero counter
+    assert torch.equal(interp.total_norm(grads, 2.0), first)
+    assert interp._scratch(entry) is other and set(entry.scratch) == {0, 12345}
+    assert interp._table(grads) is entry
+
+
+def test_debug_checks_the_barrier_counter(interp, monkeypatch):
+    """GRADCLIP_DEBUG: a counter whose low 31 bits are not 0 (it would break the barrier for good)
+    raises before the launch; bit 31 alone (any number of complete launches) is fine."""
+    grads = make_grads(SHAPES, torch.float32)
+    entry = interp._table(grads)
+    monkeypatch.setattr(interp, "DEBUG", True)
+    first = interp.total_norm(grads, 2.0)
+    entry.sync.fill_(-(2**31))  # bit 31 only: what an odd number of complete launches leaves
+    assert torch.equal(interp.total_norm(grads, 2.0), first)
+    entry.sync.fill_(3)
+    with pytest.raises(RuntimeError, match="low 31 bits are not 0"):
+        interp.clip_grad_norm_(grads, 1.0, 2.0)
+    monkeypatch.setattr(interp, "DEBUG", False)
+    assert torch.equal(
+        interp.total_norm(grads, 2.0), first
+    )  # off: not checked (the interpreter has no barrier)
+    entry.sync.zero_()
 
 
 def test_public_api(interp):

@@ -3,8 +3,14 @@
 Math: x <- min(max(x, -v), v) per element (so all v for v < 0, all NaN for a NaN v, as torch),
 compared in fp32 (v cast to fp32 in-kernel) and the bound rounded once to the gradient dtype, as
 torch.clamp_min_/clamp_max_ do. A NaN gradient element stays NaN (both comparisons are false).
-Only elements that change are stored (the store mask is "out of range"), so in-range gradients
-keep their exact bits.
+Ties (x equal to a bound) follow the torch of the tensors' device (TIES_TO_BOUND):
+- CUDA (TIES_TO_BOUND=True): torch's foreach `maximum`/`minimum` functors return the bound on a
+  tie (`isnan(a) || a > b ? a : b`), so for v = 0 every non-NaN element becomes +0.0
+  (max(x, -0.0) gives -0.0, then min(-0.0, +0.0) gives the bound +0.0). (Review fix: this kernel
+  gave -0.0 for negative elements, CPU torch's sign.)
+- CPU (the interpreter, TIES_TO_BOUND=False): CPU torch keeps the element on a tie (-0.0 stays).
+Only elements that change (or tie, on CUDA) are stored, so in-range gradients keep their exact
+bits.
 
 Bytes moved (N elements of e bytes, T tensors, P programs): reads N*e once plus the table
 (40 B per tensor walked + 16 B per program); writes e bytes per clamped element only. Floor: N*e
@@ -23,15 +29,21 @@ from gradclip.triton_kernels.tensor_table import TAG_ALIGNED16, elem_type, progr
 
 
 @triton.jit
-def _clamp_chunk(ptr, offs, mask, lo, hi, ELEM: tl.constexpr):
+def _clamp_chunk(ptr, offs, mask, lo, hi, ELEM: tl.constexpr, TIES_TO_BOUND: tl.constexpr):
     # Exactly clamp_min(lo) then clamp_max(hi), as the reference: min(max(x, lo), hi). (Review fix:
     # `where(x < lo, lo, hi)` gave lo, not hi, for a negative clip_value, where torch gives hi
     # everywhere.) A NaN bound makes every element NaN, as torch's clamp with a NaN bound does.
     x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lo = tl.broadcast_to(lo, x.shape)  # (the interpreter cannot OR a scalar with a block)
-    below = (x < lo) | (lo != lo)
-    t = tl.where(below, lo, x)
-    above = t > hi
+    if TIES_TO_BOUND:  # CUDA torch: maximum(x, lo) = x if isnan(x) or x > lo else lo; minimum alike
+        hi = tl.broadcast_to(hi, x.shape)
+        below = (x == x) & ((x <= lo) | (lo != lo))
+        t = tl.where(below, lo, x)
+        above = (t == t) & ((t >= hi) | (hi != hi))
+    else:  # CPU torch: the element wins a tie
+        below = (x < lo) | (lo != lo)
+        t = tl.where(below, lo, x)
+        above = t > hi
     y = tl.where(above, hi, t)
     tl.store(ptr + offs, y.to(ELEM), mask=mask & (below | above))
 
@@ -43,6 +55,7 @@ def clip_grad_value_kernel(
     total_chunks,  # C = sum over tensors of cdiv(numel, BLOCK)
     clip_value,  # float
     BLOCK: tl.constexpr,  # elements per chunk
+    TIES_TO_BOUND: tl.constexpr,  # a tie returns the bound (CUDA torch) or the element (CPU torch)
 ):
     c_lo, c_hi, t_first, t_last = program_range(table_ptr, num_tensors, total_chunks)
     hi_bound = tl.cast(clip_value, tl.float32)
@@ -61,9 +74,15 @@ def clip_grad_value_kernel(
                     offs = c * BLOCK + lanes
                     if aligned & (c * BLOCK + BLOCK <= numel):
                         _clamp_chunk(
-                            tl.multiple_of(ptr, 16), offs, all_lanes, lo_bound, hi_bound, elem_type(k)
+                            tl.multiple_of(ptr, 16),
+                            offs,
+                            all_lanes,
+                            lo_bound,
+                            hi_bound,
+                            elem_type(k),
+                            TIES_TO_BOUND,
                         )
                     else:
-                        _clamp_chunk(ptr, offs, offs < numel, lo_bound, hi_bound, elem_type(k))
+                        _clamp_chunk(ptr, offs, offs < numel, lo_bound, hi_bound, elem_type(k), TIES_TO_BOUND)
                     c += 1
         t += 1

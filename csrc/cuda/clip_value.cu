@@ -1,9 +1,13 @@
 // clip_grad_value_: clamp every element of every gradient to [-clip_value, clip_value] in place,
 // in ONE launch over the whole tensor list (mixed fp32/fp16/bf16).
 //
-// Math, exactly as torch's _foreach_clamp_min_(-v) followed by _foreach_clamp_max_(v), each done
-// in fp32 and rounded to the gradient dtype: y = round(min(float(round(max(x, -v))), v)). NaN
-// elements stay NaN (torch's clamp propagates NaN). No accumulation.
+// Math, exactly as CUDA torch's _foreach_clamp_min_(-v) followed by _foreach_clamp_max_(v), each
+// done in fp32 and rounded to the gradient dtype: y = round(min(float(round(max(x, -v))), v)), with
+// torch's foreach functors (ATen ForeachMinMaxFunctors.cuh): max(a, b) = isnan(a) || a > b ? a : b,
+// min(a, b) = isnan(a) || a < b ? a : b, so a tie returns the bound: for v = 0 every non-NaN
+// element becomes +0.0, as CUDA torch gives (review fix: ties kept the element, CPU torch's -0.0).
+// NaN elements stay NaN (torch's clamp propagates NaN); a NaN bound makes every element NaN. No
+// accumulation.
 //
 // Bytes moved: reads every gradient once (N bytes); writes only the 16-byte vectors (or scalars)
 // whose bits change, so a step where nothing exceeds the bound writes nothing. Plain (not
@@ -25,9 +29,9 @@ namespace {
 constexpr int kMaxDevices = 64;
 constexpr int kWantedBlocksPerSm = 2;
 
-// torch clamp_min / clamp_max: NaN in, NaN out.
-__device__ __forceinline__ float clamp_min_nan(float x, float lo) { return (x != x || x >= lo) ? x : lo; }
-__device__ __forceinline__ float clamp_max_nan(float x, float hi) { return (x != x || x <= hi) ? x : hi; }
+// CUDA torch's foreach clamp_min / clamp_max: NaN in, NaN out; a tie returns the bound.
+__device__ __forceinline__ float clamp_min_nan(float x, float lo) { return (x != x || x > lo) ? x : lo; }
+__device__ __forceinline__ float clamp_max_nan(float x, float hi) { return (x != x || x < hi) ? x : hi; }
 
 template <class T>
 struct ClampBy {
