@@ -111,6 +111,11 @@ if [[ $MODE == extra ]]; then
         "${TIMEOUT_OPT[@]}" --junitxml="$OUTDIR/pytest-gpu-compile.xml"
     run_step bench-compile 180 15 $PY -m gradclip.bench --model gpt2-124M,resnet50 --dtype fp32,bf16 \
         --regime active --compile all --budget 0.2 --out "$OUTDIR/compile"
+    # Issue 14: per-parameter norms against the norm alone; issue 15: clip + fused AdamW step.
+    run_step bench-per-param 60 15 $PY -m gradclip.bench.per_param --device cuda --budget 0.5 --rounds 3 \
+        --out "$OUTDIR/per_param.json"
+    run_step bench-optimizer-step 60 5 $PY -m gradclip.bench.optimizer_step --device cuda --workload gpt2-124M \
+        --out "$OUTDIR"
 elif [[ $DRY == 1 ]]; then
     # The build against the CUDA torch of part 2 (real nvcc, one arch), out of tree.
     run_step build 1200 150 env TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST" bash tools/check_cuda_build.sh
