@@ -146,6 +146,27 @@ def _full_values(t: Tensor, index: int, placement) -> Tensor:
         ) from exc
 
 
+def _cached_layout(t: Tensor, layouts: dict) -> _Layout:
+    """`_layout_of` a DTensor's spec, memoised per call in `layouts` (one entry per distinct layout)."""
+    spec = t._spec
+    # the types too: a Shard subclass compares equal to Shard but takes the slow path
+    key = (id(spec.mesh), spec.placements, tuple(map(type, spec.placements)))
+    layout = layouts.get(key)
+    if layout is None:
+        layout = layouts[key] = _layout_of(spec.mesh, spec.placements)
+    return layout
+
+
+def _values_for_norm(t: Tensor, index: int, layout: _Layout) -> Tensor:
+    """What a DTensor's norm is taken of on this rank: its local shard, its local values with the
+    Partial dims reduced, or (an unknown placement) the full tensor."""
+    if layout.how == "local":
+        return t._local_tensor
+    if layout.how == "partial":
+        return _replicate_partials(t)
+    return _full_values(t, index, layout.unknown)
+
+
 def _replicate_partials(t: Tensor) -> Tensor:
     """The local values of `t` with its Partial mesh dims reduced (one collective per tensor)."""
     from torch.distributed.tensor import Replicate  # noqa: PLC0415 (only for Partial grads)
@@ -164,21 +185,10 @@ def _slots(tensors: Sequence[Tensor], process_group) -> tuple[dict[tuple, list[T
     shards: list[Tensor] = []
     for index, t in enumerate(tensors):
         if cls is not None and isinstance(t, cls):
-            spec = t._spec
-            # the types too: a Shard subclass compares equal to Shard but takes the slow path
-            layout_key = (id(spec.mesh), spec.placements, tuple(map(type, spec.placements)))
-            layout = layouts.get(layout_key)
-            if layout is None:
-                layout = layouts[layout_key] = _layout_of(spec.mesh, spec.placements)
+            layout = _cached_layout(t, layouts)
             groups = layout.groups
-            local = t._local_tensor
-            shards.append(local)
-            if layout.how == "local":
-                norm_of = local
-            elif layout.how == "partial":
-                norm_of = _replicate_partials(t)
-            else:
-                norm_of = _full_values(t, index, layout.unknown)
+            shards.append(t._local_tensor)
+            norm_of = _values_for_norm(t, index, layout)
         else:
             groups = ()
             shards.append(t)
@@ -286,7 +296,7 @@ def per_param_norms(
     _check_norm_type(norm_type)
     cls = dtensor_class()
     extra = () if process_group is None else (process_group,)
-    layouts: dict[tuple, tuple[tuple, bool]] = {}
+    layouts: dict[tuple, _Layout] = {}
     keys: dict[tuple, tuple] = {}  # tuple of ids -> the tuple of groups it was first seen with
     slots: dict[tuple, list[int]] = {}  # groups to reduce over -> indices of its non-empty tensors
     classes: dict[tuple, list[int]] = {}  # groups a tensor's own entry is reduced over -> indices
@@ -295,13 +305,9 @@ def per_param_norms(
     for i, t in enumerate(tensors):
         groups, norm_of = (), t
         if cls is not None and isinstance(t, cls):
-            spec = t._spec
-            layout = (id(spec.mesh), spec.placements)
-            found = layouts.get(layout)
-            if found is None:
-                found = layouts[layout] = _groups_of_placements(spec.mesh, spec.placements)
-            groups, partial = found
-            norm_of = _replicate_partials(t) if partial else t._local_tensor
+            layout = _cached_layout(t, layouts)
+            groups = layout.groups
+            norm_of = _values_for_norm(t, i, layout)
             shards.append(t._local_tensor)
         else:
             shards.append(t)

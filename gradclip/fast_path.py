@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from gradclip import _extension
+from gradclip import _extension, labels
 
 ENV_DISABLE = "GRADCLIP_NO_FAST_PATH"
 
@@ -44,8 +44,9 @@ def _load() -> ModuleType | bool:
 
 def native() -> ModuleType | None:
     """gradclip._C when the fast path may serve this call; None without the extension, under
-    torch.compile (Dynamo traces the Python routing) or with GRADCLIP_NO_FAST_PATH=1 at first use."""
-    if torch.compiler.is_compiling():
+    torch.compile (Dynamo traces the Python routing), while a profiler records (the Python routing
+    labels each op call, gradclip.labels) or with GRADCLIP_NO_FAST_PATH=1 at first use."""
+    if torch.compiler.is_compiling() or labels.recording():
         return None
     module = _module
     if module is None:

@@ -506,34 +506,30 @@ def test_per_param_comparison_can_fail(per_param):
 
 def test_per_param_public_api_orders_groups(per_param, monkeypatch):
     """gradclip.per_param_norms on triton: one op per group, entries in input order, and with
-    fp64 tensors (served by the reference) interleaved, the groups scattered back in order."""
+    tensors of another backend interleaved, the groups scattered back in order."""
     from gradclip import backends
 
     grads = make_grads(SHAPES, DTYPE_CASES["mixed"], scale=2.0)
     assert torch.equal(
         gradclip.per_param_norms(grads, backend="triton"), per_param.per_param_norms(grads, 2.0)[1]
     )
-    mixed = [
-        grads[0],
-        torch.randn(9, dtype=torch.float64),
-        grads[1],
-        grads[2],
-        torch.randn(2, dtype=torch.float64),
-    ]
-    mixed.append(grads[3])
-    real_choose = backends.choose
+    # Two backends interleaved on one device: fp32 on triton, fp16/bf16 on the reference (no fp64
+    # here: under "auto" an fp64 norm sends the whole device to the reference, gradclip.routing).
+    mixed = [grads[0], grads[0].to(torch.float16), grads[1], grads[2], grads[3].to(torch.bfloat16), grads[3]]
     monkeypatch.setattr(
-        backends,
-        "choose",
-        lambda b, d, dt, p: "triton" if dt in backends.KERNEL_DTYPES else real_choose(b, d, dt, p),
+        backends, "choose", lambda b, d, dt, p: "triton" if dt == torch.float32 else "reference"
     )
     from gradclip import routing
 
     plan = routing.plan(mixed, 2.0, "auto")
-    assert [(g.backend, len(g.grads)) for g in plan] == [("triton", 4), ("reference", 2)]
+    first = "triton" if mixed[0].dtype == torch.float32 else "reference"
+    second = "reference" if first == "triton" else "triton"
+    count = sum(g.dtype == torch.float32 for g in mixed)
+    counts = {"triton": count, "reference": len(mixed) - count}
+    assert [(g.backend, len(g.grads)) for g in plan] == [(first, counts[first]), (second, counts[second])]
     out = gradclip.per_param_norms(mixed)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, expected_per_param(mixed, 2.0), rtol=2e-6, atol=0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected_per_param(mixed, 2.0), rtol=2e-6, atol=0)
     total, _ = routing.per_param_norms(plan, 2.0, mixed, mixed[0].device)
     assert torch.equal(total, gradclip.get_total_norm(mixed))
 
@@ -739,3 +735,23 @@ def test_cuda_per_param_one_launch(compiled, p):
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sum("clip_grad_norm_per_param_kernel" in n for n in names) == 1, names
+
+
+def test_table_key_is_the_same_without_the_native_core(interp, monkeypatch):
+    """The table-cache key comes from gradclip._C when it is built; the Python fallback agrees on
+    density and size, and a cache hit needs the same key on the next call either way."""
+    from gradclip import _extension
+
+    tb = _tb()
+    base = torch.randn(6, 8)
+    cases = [make_grads(SHAPES, DTYPE_CASES["mixed"]), [base.t()], [base[:, :4]], [torch.randn(0)]]
+    for case in cases:
+        first = tb._table_key(case)
+        assert first == tb._table_key(case)
+        with monkeypatch.context() as m:
+            m.setattr(_extension, "load", lambda: (None, "not built"))
+            fallback = tb._table_key(case)
+            assert fallback == tb._table_key(case)
+        assert first[:2] == fallback[:2]
+        assert first[1] == sum(g.numel() for g in case)
+    assert tb._table_key([base.t()])[0] and not tb._table_key([base[:, :4]])[0]
