@@ -366,11 +366,12 @@ def _table(grads: list[Tensor]) -> _Table | None:
 # --- launches --------------------------------------------------------------------------------------
 
 
-def _launch_norm(
-    entry: _Table, norm: Tensor, max_norm: float, norm_code: int, scale: bool, phase: int
-) -> None:
-    kernel = _kernel("clip_grad_norm", norm.device)
-    scratch = _scratch(entry)  # this stream's own slots and counter (see the module docstring)
+def _norm_launch_args(
+    entry: _Table, norm: Tensor, max_norm: float, norm_code: int, scale: bool
+) -> tuple[tuple, dict]:
+    """(args, meta) shared by both fused norm kernels, with this stream's own partial slots and
+    barrier counter (see the module docstring); GRADCLIP_DEBUG checks the counter first."""
+    scratch = _scratch(entry)
     if DEBUG and not (norm.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _check_counter(scratch)
     args = (
@@ -391,6 +392,14 @@ def _launch_norm(
         P_POW2=entry.p_pow2,
         num_warps=NUM_WARPS,
     )
+    return args, meta
+
+
+def _launch_norm(
+    entry: _Table, norm: Tensor, max_norm: float, norm_code: int, scale: bool, phase: int
+) -> None:
+    kernel = _kernel("clip_grad_norm", norm.device)
+    args, meta = _norm_launch_args(entry, norm, max_norm, norm_code, scale)
     grid = (entry.num_programs,)
     if entry.interpret:
         if phase == 0:  # the interpreter cannot run the grid barrier: same code, two launches
@@ -498,29 +507,8 @@ def _launch_per_param(
         tparts = torch.full((size,), math.nan, dtype=torch.float64, device=norm.device)
     else:
         tparts = torch.empty(size, dtype=torch.float64, device=norm.device)
-    scratch = _scratch(entry)  # this stream's own slots and counter, as in _launch_norm
-    if DEBUG and not (norm.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _check_counter(scratch)
-    args = (
-        entry.table,
-        entry.num_tensors,
-        entry.total_chunks,
-        scratch.partials,
-        norm,
-        scratch.sync,
-        float(max_norm),
-        entry.arrive_first,
-        tparts,
-        per_param,
-    )
-    meta = dict(
-        NORM=norm_code,
-        SCALE=scale,
-        REVERSE=REVERSE_RESCALE,
-        BLOCK=_config["block"],
-        P_POW2=entry.p_pow2,
-        num_warps=NUM_WARPS,
-    )
+    args, meta = _norm_launch_args(entry, norm, max_norm, norm_code, scale)
+    args += (tparts, per_param)
     grid = (entry.num_programs,)
     if entry.interpret:  # no grid barrier in the interpreter: the same code as two launches
         kernel[grid](*args, PHASE=1, **meta)
