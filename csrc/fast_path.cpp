@@ -1,11 +1,12 @@
 // The host fast path of gradclip._C: the common call of the public functions in one C++ call.
 //
 // gradclip/clip.py hands the caller's parameters (a list, tuple, single tensor, generator or any
-// iterable) to one of the functions below. They read each `.grad` in C++, validate, pick the
-// backend exactly as gradclip.routing would (GRADCLIP_BACKEND and `backend=`; the per-dtype choice
-// itself is gradclip.backends.choose, called once per (request, device, dtype, p) and cached here)
-// and call the backend's op `gradclip::{backend}_{op}` through the c10 dispatcher with a cached
-// typed handle: no Python per tensor.
+// iterable) to one of the functions below. They read each `.grad` in C++ (the parameters of an
+// unstarted `module.parameters()` generator from the module tree itself: csrc/module_walk.cpp),
+// validate, pick the backend exactly as gradclip.routing would (GRADCLIP_BACKEND and `backend=`;
+// the per-dtype choice itself is gradclip.backends.choose, called once per (request, device,
+// dtype, p) and cached here) and call the backend's op `gradclip::{backend}_{op}` through the c10
+// dispatcher with a cached typed handle: no Python per tensor.
 //
 // Served: every gradient an exact torch.Tensor (or Parameter) on ONE cpu/cuda device, strided,
 // fp32/fp16/bf16, no conj/neg/zero/functional/Python-key tensor, p in {1, 2, inf}, max_norm and
@@ -41,6 +42,8 @@
 #include <vector>
 
 #include "module.h"
+#include "module_walk.h"
+#include "pointer_set.h"
 
 namespace py = pybind11;
 
@@ -190,6 +193,7 @@ const c10::DispatchKeySet kUnservedKeys = c10::DispatchKeySet({
 
 struct Gathered {
   std::vector<at::Tensor> grads;
+  std::vector<PyObject*> walked;  // the items of a module.parameters() generator read in C++
   at::Device device{at::kCPU};
   uint8_t dtypes = 0;
   c10::DispatchKeySet keys;  // union of the gradients' key sets
@@ -216,17 +220,19 @@ bool take(const at::Tensor& g, Gathered& out) {
   return true;
 }
 
-// What `parameters` holds, read without Python per element where it is a list, tuple or tensor.
-// On return `items` are borrowed from `container` or from `drawn` (the list drawn from an iterator).
+// What `parameters` holds, read without Python per element where it is a list, tuple, tensor or an
+// unstarted module.parameters() generator (csrc/module_walk.cpp). On return `items` are borrowed
+// from `container`, from `walked` or from `drawn` (the list drawn from any other iterator).
 struct Items {
   PyObject* const* data = nullptr;
   Py_ssize_t size = 0;
   PyObject* single = nullptr;
-  py::object drawn;  // set when the input was an iterator we consumed
+  py::object drawn;           // set when the input was an iterator we consumed
+  PyObject* walked = nullptr;  // the generator whose module tree was read instead of running it
 };
 
 // False on a Python error (an iterator that raised), which the caller propagates.
-bool items_of(PyObject* parameters, Items& items) {
+bool items_of(PyObject* parameters, Items& items, std::vector<PyObject*>& walked) {
   if (THPVariable_Check(parameters)) {
     items.single = parameters;
     items.data = &items.single;
@@ -241,6 +247,13 @@ bool items_of(PyObject* parameters, Items& items) {
   if (PyTuple_CheckExact(parameters)) {
     items.data = PySequence_Fast_ITEMS(parameters);
     items.size = PyTuple_GET_SIZE(parameters);
+    return true;
+  }
+  if (walk_module_parameters(parameters, walked)) {
+    // Left unstarted until the call is served (plan), so a hand-back still gets the whole generator.
+    items.walked = parameters;
+    items.data = walked.data();
+    items.size = static_cast<Py_ssize_t>(walked.size());
     return true;
   }
   PyObject* iterator = PyObject_GetIter(parameters);
@@ -339,7 +352,7 @@ int choose_for(State& st, int requested, const Gathered& g, PClass pclass) {
 }
 
 // True when some gradient appears twice (routing._no_repeated_kernel_writes): the kernels write
-// each gradient once. Open addressing on the TensorImpl pointers, in a reused thread-local table.
+// each gradient once. A reused thread-local set of the TensorImpl pointers.
 bool repeats(const std::vector<at::Tensor>& grads) {
   const size_t n = grads.size();
   if (n < 2) return false;
@@ -349,25 +362,13 @@ bool repeats(const std::vector<at::Tensor>& grads) {
         if (grads[i].unsafeGetTensorImpl() == grads[j].unsafeGetTensorImpl()) return true;
     return false;
   }
-  thread_local std::vector<const void*> table;
-  size_t capacity = 16;
-  while (capacity < 2 * n) capacity <<= 1;
-  table.assign(capacity, nullptr);
-  const size_t mask = capacity - 1;
+  thread_local PointerSet seen;
+  seen.clear(n);
   for (const at::Tensor& g : grads) {
-    const void* key = g.unsafeGetTensorImpl();
-    size_t h = (reinterpret_cast<uintptr_t>(key) >> 4) * 0x9E3779B97F4A7C15ull;
-    for (size_t slot = (h >> 20) & mask;; slot = (slot + 1) & mask) {
-      if (table[slot] == nullptr) {
-        table[slot] = key;
-        break;
-      }
-      if (table[slot] == key) return true;
-    }
+    if (!seen.insert(g.unsafeGetTensorImpl())) return true;
   }
   return false;
 }
-
 
 // True when `op` has no kernel of its own above the backend (so below_autograd may skip that level).
 bool plain(const c10::OperatorHandle& op) {
@@ -430,6 +431,7 @@ class ScratchLease {
       gathered_ = own_.get();
     }
     gathered_->grads.clear();
+    gathered_->walked.clear();
     gathered_->dtypes = 0;
     gathered_->keys = c10::DispatchKeySet();
   }
@@ -453,12 +455,14 @@ int plan(State& st, PyObject* parameters, bool of_params, PyObject* backend, PCl
   const int requested = requested_index(st, backend);
   if (requested < 0) return -1;
   if (at::impl::torch_function_mode_enabled()) return -1;  // a mode sees the Python call instead
-  if (!items_of(parameters, items)) throw py::error_already_set();
+  if (!items_of(parameters, items, g.walked)) throw py::error_already_set();
   if (!gather(items, of_params, g)) return -1;
   const int chosen = choose_for(st, requested, g, pclass);
   if (chosen < 0) return -1;
   if (!st.reference[chosen] && repeats(g.grads)) return -1;
-  return has_op(st, chosen, op) ? chosen : -1;
+  if (!has_op(st, chosen, op)) return -1;
+  if (items.walked != nullptr) finish_walked_generator(items.walked);  // drawn, as list() leaves it
+  return chosen;
 }
 
 py::object unserved(State& st, PyObject* parameters, const Items& items) {
@@ -680,6 +684,16 @@ py::tuple tensor_table_key(py::handle tensors) {
   return py::make_tuple(dense, total, key);
 }
 
+// Test hook: the items csrc/module_walk.cpp reads for `generator` (a list, the generator left
+// unstarted), or None where it would run the generator instead.
+py::object walked_items(py::handle generator) {
+  std::vector<PyObject*> walked;
+  if (!walk_module_parameters(generator.ptr(), walked)) return py::none();
+  py::list out;
+  for (PyObject* item : walked) out.append(py::handle(item));
+  return std::move(out);
+}
+
 py::tuple counts() {
   State& st = state();
   return py::make_tuple(st.served, st.unserved);
@@ -710,6 +724,8 @@ void bind_fast_path(py::module_& m) {
         py::arg("backend"), "The backend the fast path would call for this input, or None (tests, benchmarks)");
   m.def("tensor_table_key", &tensor_table_key, py::arg("tensors"),
         "(dense, total numel, key bytes of (data_ptr, numel, dtype) per tensor): the Triton table-cache key");
+  m.def("module_parameters_walk", &walked_items, py::arg("generator"),
+        "The items read from the module tree of an unstarted module.parameters() generator, or None (tests)");
   m.def("fast_path_counts", &counts, "(calls served, calls handed back to the Python routing)");
   m.def("fast_path_reset", &reset, "Forget cached backend choices and zero the counts (tests)");
 }

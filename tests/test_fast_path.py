@@ -524,3 +524,181 @@ def test_tensor_table_key_matches_the_python_key():
     assert native.tensor_table_key([a])[2] != native.tensor_table_key([a.to(torch.float16)])[2]
     with pytest.raises(TypeError, match="not a tensor"):
         native.tensor_table_key([a, 3])
+
+
+# --- module.parameters(): the module tree read in C++ (csrc/module_walk.cpp) ---------------------
+
+
+def _walk():
+    return fast_path._load().module_parameters_walk
+
+
+def tricky_tree():
+    """Shared submodules and parameters, None children and parameters, a tied parameter
+    registered twice, a module reachable along two paths, and a parameter without a gradient."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(3, 3)
+    inner = torch.nn.Sequential(shared, torch.nn.Linear(3, 2))
+    root = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), shared, inner)
+    root.add_module("empty_slot", None)
+    root.extra = torch.nn.Linear(2, 2)
+    root.extra.bias = None
+    root.register_parameter("tied", root[0].weight)
+    root.register_parameter("absent", None)
+    root.frozen = torch.nn.Parameter(torch.ones(5), requires_grad=False)
+    root.again = inner
+    for p in root.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    return root
+
+
+@pytest.mark.parametrize("recurse", [True, False])
+def test_walk_gives_what_the_generator_gives(recurse):
+    module = tricky_tree()
+    expected = list(module.parameters(recurse=recurse))
+    walked = _walk()(module.parameters(recurse=recurse))
+    assert walked is not None, "the walk declined a plain module tree"
+    assert [id(p) for p in walked] == [id(p) for p in expected]
+    for name in ("extra", "again"):  # submodules too, and a module that is not the root
+        sub = getattr(module, name)
+        assert [id(p) for p in _walk()(sub.parameters())] == [id(p) for p in sub.parameters()]
+
+
+def test_walk_leaves_the_generator_unstarted_until_served():
+    module = tricky_tree()
+    gen = module.parameters()
+    assert _walk()(gen) is not None
+    assert len(list(gen)) == len(list(module.parameters()))  # the walk drew nothing
+    gen = module.parameters()
+    total = gradclip.clip_grad_norm_(gen, 1e30)
+    assert list(gen) == [], "a served call leaves the generator exhausted, as list() does"
+    expected = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+    torch.testing.assert_close(total, expected, rtol=2e-6, atol=0)
+
+
+class NamedOverride(torch.nn.Linear):
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        yield from reversed(list(super().named_parameters(prefix, recurse, remove_duplicate)))
+
+
+class ModulesOverride(torch.nn.Sequential):
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        yield prefix, self  # hides the children
+
+
+class ParametersOverride(torch.nn.Linear):
+    def parameters(self, recurse=True):
+        yield self.bias
+        yield self.weight
+
+
+class HashOverride(torch.nn.Linear):
+    def __hash__(self):
+        return 1
+
+    def __eq__(self, other):
+        return isinstance(other, HashOverride)
+
+
+class GetattributeOverride(torch.nn.Linear):
+    def __getattribute__(self, name):
+        return super().__getattribute__(name)
+
+
+class Slotted(torch.nn.Linear):
+    _parameters = {}  # a class attribute shadowing the instance's
+
+
+@pytest.mark.parametrize(
+    "make, position",
+    [
+        (lambda: NamedOverride(3, 2), "root"),
+        (lambda: torch.nn.Sequential(torch.nn.Linear(2, 2), ModulesOverride(torch.nn.Linear(2, 2))), "child"),
+        (lambda: ParametersOverride(3, 2), "root"),
+        (lambda: torch.nn.Sequential(HashOverride(2, 2), HashOverride(2, 2)), "child"),
+        (lambda: torch.nn.Sequential(GetattributeOverride(2, 2)), "child"),
+    ],
+    ids=["named_parameters", "named_modules", "parameters", "hash-eq", "getattribute"],
+)
+def test_walk_declines_modules_that_iterate_their_own_way(make, position):
+    """The generator then runs as before, so the call sees exactly what torch would."""
+    module = make()
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+    assert _walk()(module.parameters()) is None
+    expected = list(module.parameters())
+    assert_same("clip_grad_norm_", expected, 1e-2, 2.0)  # the list the generator really gives
+    total = gradclip.clip_grad_norm_(module.parameters(), 1e30)
+    torch.testing.assert_close(total, torch.nn.utils.get_total_norm([p.grad for p in expected]), rtol=2e-6, atol=0)
+
+
+def test_walk_declines_everything_but_an_unstarted_parameters_generator():
+    module = tricky_tree()
+    started = module.parameters()
+    first = next(started)
+    assert _walk()(started) is None
+    assert [id(p) for p in started] == [id(p) for p in list(module.parameters())[1:]]
+    assert first is next(module.parameters())
+    finished = module.parameters()
+    list(finished)
+    assert _walk()(finished) is None
+    for other in (module.buffers(), module.modules(), (p for p in module.parameters()), [module.extra.weight]):
+        assert _walk()(other) is None
+    assert _walk()(torch.nn.Module.parameters(object.__new__(Slotted))) is None
+    # recurse must be a bool (its truthiness would run Python code).
+    assert _walk()(module.parameters(recurse=1)) is None
+
+
+def test_module_parameters_is_served_without_running_the_generator():
+    """The common call on module.parameters() never runs torch's generator chain (seen by a
+    sys.setprofile hook), and the hook does see it when the fast path is off."""
+    import sys  # noqa: PLC0415
+
+    module = tricky_tree()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+    # (Python 3.11 enters the parameters() frame itself to close the unstarted generator, raising
+    # GeneratorExit before its first line; the functions below it are what running it costs.)
+    chain = {"named_parameters", "_named_members", "named_modules"}
+
+    def chain_calls():
+        ran = []
+
+        def hook(frame, event, arg):
+            if event == "call" and frame.f_code.co_name in chain:
+                ran.append(frame.f_code.co_name)
+
+        gen = module.parameters()
+        sys.setprofile(hook)
+        try:
+            total = gradclip.clip_grad_norm_(gen, 1e30)
+        finally:
+            sys.setprofile(None)
+        torch.testing.assert_close(total, expected, rtol=2e-6, atol=0)
+        return ran
+
+    before = fast_path.counts()
+    assert chain_calls() == []
+    assert fast_path.counts()[0] == before[0] + 1
+    fast_path.set_enabled(False)
+    try:
+        assert set(chain_calls()) == chain  # the check can fail
+    finally:
+        fast_path.set_enabled(True)
+
+
+def test_empty_module_still_warns_as_the_python_routing_does():
+    for function in ("clip_grad_norm_", "clip_grad_value_"):
+        module = torch.nn.Sequential(torch.nn.Tanh())
+        with warnings.catch_warnings(record=True) as fast_caught:
+            warnings.simplefilter("always")
+            getattr(gradclip, function)(module.parameters(), 1.0)
+        fast_path.set_enabled(False)
+        try:
+            with warnings.catch_warnings(record=True) as slow_caught:
+                warnings.simplefilter("always")
+                getattr(gradclip, function)(module.parameters(), 1.0)
+        finally:
+            fast_path.set_enabled(True)
+        assert [str(w.message) for w in fast_caught] == [str(w.message) for w in slow_caught]
+        assert fast_caught, "an empty module.parameters() warns"
