@@ -16,6 +16,7 @@ Install with `pip install --no-build-isolation -e .` so the build sees the torch
 
 import glob
 import os
+import runpy
 import shutil
 import sys
 
@@ -136,6 +137,7 @@ def native_extension_plan():
         def run(self):
             try:
                 super().run()
+                self._record_sources()
             except Exception as exc:  # compiler missing, headers missing, a compile error
                 if _flag("GRADCLIP_REQUIRE_NATIVE"):
                     raise
@@ -144,6 +146,13 @@ def native_extension_plan():
                     "(the reference backend serves). GRADCLIP_REQUIRE_NATIVE=1 makes this fatal.",
                     file=sys.stderr,
                 )
+
+        def _record_sources(self):
+            """The sources' fingerprint next to the built extension (gradclip/_native_sources.py)."""
+            sources = runpy.run_path(os.path.join(HERE, "gradclip", "_native_sources.py"))
+            target = os.path.dirname(self.get_ext_fullpath("gradclip._C"))
+            with open(os.path.join(target, sources["STAMP"]), "w") as f:
+                f.write(sources["digest"](os.path.join(HERE, "csrc")) + "\n")
 
     return [extension], {"build_ext": OptionalBuildExtension}, f"building {summary}"
 

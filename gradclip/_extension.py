@@ -8,7 +8,10 @@ machine without the build pays nothing and can still say why the native code is 
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
+
+from gradclip import _native_sources
 
 _BUILD_HINT = "pip install --no-build-isolation -e ."
 
@@ -20,7 +23,32 @@ def load() -> tuple[ModuleType | None, str]:
         from gradclip import _C  # noqa: PLC0415 (lazy by design)
     except ImportError as exc:
         return None, f"the native extension gradclip._C is not built ({exc}); build it with: {_BUILD_HINT}"
-    return _C, ""
+    stale = why_stale(_C.__file__)
+    return (None, stale) if stale else (_C, "")
+
+
+# The native sources beside the package: present in a source checkout (an editable install).
+_CHECKOUT_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def why_stale(extension_file: str, csrc: str = _CHECKOUT_CSRC) -> str:
+    """Empty unless `csrc` exists and differs from the sources the extension was built from
+    (setup.py records them beside it: gradclip/_native_sources.py)."""
+    if not os.path.isdir(csrc):
+        return ""  # an installed wheel: built from the sources it was shipped with
+    stamp = os.path.join(os.path.dirname(extension_file), _native_sources.STAMP)
+    try:
+        with open(stamp) as f:
+            built_from = f.read().strip()
+    except OSError:
+        built_from = ""
+    if built_from == _native_sources.digest(csrc):
+        return ""
+    return (
+        f"gradclip._C ({extension_file}) was built from other native sources than {csrc} (a build "
+        f"older than a pull or an edit, or one without a record {_native_sources.STAMP}), so its "
+        f"kernels are not used; rebuild it with: {_BUILD_HINT}"
+    )
 
 
 def why_no_cuda_kernels() -> str:
