@@ -220,6 +220,11 @@ class Clipper:
     Every decision derives from the total norm (and the history of it), which is identical on
     every rank, so all ranks skip together.
 
+    Across ranks: DTensor gradients (FSDP2, tensor parallel) need nothing. `process_group`: this
+    rank's gradients are one disjoint part of a model spread over that group (pipeline stages,
+    FSDP1 FULL_SHARD / SHARD_GRAD_OP shards, expert shards), and the norm sums over it, as
+    `gradclip.clip_grad_norm_(..., process_group=)` does; every rank of the group must call.
+
     Every method but `metrics()`, `report()`, `plot()` and `state_dict()` runs without a host
     sync; `clip_()` works inside torch.compile(fullgraph=True).
     """
@@ -239,6 +244,7 @@ class Clipper:
         nonfinite: str = "propagate",
         max_consecutive_skips: int | None = None,
         skip_spikes: bool = False,
+        process_group: Any = None,
     ) -> None:
         names, params = _names_and_params(parameters)
         self._policy: Any = None  # a threshold policy of gradclip.thresholds, or None
@@ -289,7 +295,8 @@ class Clipper:
         self.max_consecutive_skips = max_consecutive_skips
         self.skip_spikes = skip_spikes
         self._params = params
-        self._distributed = routing.across_ranks(params, None)
+        self.process_group = process_group
+        self._distributed = routing.across_ranks(params, process_group)
         self.device = params[0].device
         # The plan, from the parameters (a gradient has its parameter's device and dtype):
         # (backend, indices) per group; resolving it here also rejects an unusable backend now.
@@ -361,7 +368,7 @@ class Clipper:
                 return ops.op(backend, "clip_grad_norm_")(grads, max_norm, norm_type), None
             return ops.op(backend, "total_norm")(grads, norm_type), None
         present = [g for g in grads if g is not None]
-        if not present:
+        if not present and self.process_group is None:  # with a group, this rank still takes part
             zeros = self._zero.new_zeros(len(grads)) if want else None
             return self._zero.clone(), zeros
         if self._distributed:
@@ -370,10 +377,12 @@ class Clipper:
             if want or not clip:
                 fn = distributed.clip_grad_norm_per_param_ if clip else distributed.per_param_norms
                 args = (present, max_norm, norm_type) if clip else (present, norm_type)
-                total, per = fn(*args, self.backend)
+                total, per = fn(*args, self.backend, self.process_group)
             else:
                 total, per = (
-                    distributed.clip_grad_norm_(present, max_norm, norm_type, False, self.backend),
+                    distributed.clip_grad_norm_(
+                        present, max_norm, norm_type, False, self.backend, self.process_group
+                    ),
                     None,
                 )
         else:

@@ -61,3 +61,78 @@ def test_clipper_on_fsdp2_parameters_matches_torch_unsharded():
     import dist_workers
 
     dist_workers.launch(clipper_fsdp2_worker, 2)
+
+
+def _fsdp1(strategy_name: str, use_orig_params: bool):
+    """A small MLP under torch's FSDP1 on the CPU (nested: each Linear wrapped, then the root)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 37), nn.ReLU(), nn.Linear(37, 11), nn.Tanh(), nn.Linear(11, 3))
+    return FSDP(
+        model,
+        device_id=torch.device("cpu"),
+        sharding_strategy=ShardingStrategy[strategy_name],
+        use_orig_params=use_orig_params,
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    )
+
+
+def clipper_fsdp1_worker(rank: int, world: int, strategy_name: str, use_orig_params: bool) -> None:
+    fsdp = _fsdp1(strategy_name, use_orig_params)
+    group = None if strategy_name == "NO_SHARD" else dist.group.WORLD
+    clipper = gradclip.Clipper(fsdp.named_parameters(), max_norm=0.05, process_group=group, per_param_norms=True)
+    torch.manual_seed(1 + rank)  # each rank its own batch, as data parallel training has
+    for step in range(2):
+        fsdp.zero_grad()
+        (fsdp(torch.randn(8, 13)) * (step + 1)).pow(2).sum().backward()
+        params = list(fsdp.parameters())
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        expected = fsdp.clip_grad_norm_(0.05)  # torch's FSDP1 clipping, on its own copy
+        torch_grads = [None if p.grad is None else p.grad.clone() for p in params]
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+        stats = clipper.clip_()
+        torch.testing.assert_close(stats.total_norm, expected, rtol=2e-6, atol=0)
+        for p, g in zip(params, torch_grads, strict=True):
+            assert (p.grad is None) == (g is None)
+            if g is not None:
+                torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+        # The check can fail: this rank's shards alone give another norm.
+        if group is not None:
+            local = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in saved if g is not None]))
+            assert not torch.allclose(local, expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "strategy_name, use_orig_params",
+    [("FULL_SHARD", True), ("FULL_SHARD", False), ("SHARD_GRAD_OP", True), ("NO_SHARD", False)],
+)
+def test_clipper_with_a_process_group_matches_torch_fsdp1(strategy_name, use_orig_params):
+    """FSDP1 (Lightning's FSDPStrategy) holds plain local shards: the Clipper's process_group makes
+    the norm global, equal to FullyShardedDataParallel.clip_grad_norm_."""
+    import dist_workers
+
+    dist_workers.launch(clipper_fsdp1_worker, 2, strategy_name, use_orig_params)
+
+
+def clipper_empty_rank_worker(rank: int, world: int) -> None:
+    """A rank without gradients (a pipeline stage that got none) still takes part in the collective."""
+    torch.manual_seed(0)
+    mine = [nn.Parameter(torch.zeros(5)) for _ in range(3)]
+    if rank == 0:
+        for p in mine:
+            p.grad = torch.randn(5)
+    clipper = gradclip.Clipper(mine, max_norm=1e-3, process_group=dist.group.WORLD)
+    expected = torch.zeros(()) if rank else torch.nn.utils.get_total_norm([p.grad for p in mine])
+    dist.broadcast(expected, 0)
+    stats = clipper.clip_()
+    torch.testing.assert_close(stats.total_norm, expected, rtol=2e-6, atol=0)
+
+
+def test_clipper_rank_without_gradients_does_not_hang():
+    import dist_workers
+
+    dist_workers.launch(clipper_empty_rank_worker, 2)

@@ -174,3 +174,60 @@ def test_hf_callback_refuses_double_clipping(tmp_path):
 
     with pytest.raises(ValueError, match="max_grad_norm"):
         _hf_run(tmp_path, GradclipCallback(max_norm=MAX_NORM), 1.0)
+
+
+def lightning_fsdp1_worker(rank: int, world: int, strategy_name: str) -> None:
+    """GradclipCallback under Lightning's FSDPStrategy (FSDP1), driven through its hooks: the
+    Trainer refuses FSDP on a CPU accelerator, so the strategy object holds a CPU FSDP1 model."""
+    import types
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import FSDPStrategy
+    from test_clipper_distributed import _fsdp1
+
+    from gradclip.integrations.lightning import GradclipCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.logged = {}
+
+        def log_dict(self, values, **kwargs):
+            self.logged.update(values)
+
+    fsdp = _fsdp1(strategy_name, use_orig_params=True)
+    strategy = FSDPStrategy()
+    strategy.model = fsdp
+    trainer = types.SimpleNamespace(
+        gradient_clip_val=None, strategy=strategy, precision_plugin=types.SimpleNamespace(scaler=None)
+    )
+    module = Module()
+    callback = GradclipCallback(max_norm=0.05)
+    callback.on_fit_start(trainer, module)
+    torch.manual_seed(1 + rank)
+    fsdp(torch.randn(8, 13)).pow(2).sum().backward()
+    params = list(fsdp.parameters())
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    expected = fsdp.clip_grad_norm_(0.05)
+    clipped = [None if p.grad is None else p.grad.clone() for p in params]
+    for p, g in zip(params, saved, strict=True):
+        p.grad = g
+    callback.on_before_optimizer_step(trainer, module, None)
+    torch.testing.assert_close(module.logged["grad_2.0_norm_total"], expected, rtol=2e-6, atol=0)
+    for p, g in zip(params, clipped, strict=True):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("strategy_name", ["FULL_SHARD", "NO_SHARD"])
+def test_lightning_callback_clips_by_norm_under_fsdp1(strategy_name):
+    """Lightning issue 19235 (its FSDP plugin refuses clipping by norm): the callback gives
+    FullyShardedDataParallel.clip_grad_norm_'s norm and gradients on 2 gloo ranks."""
+    pytest.importorskip("lightning.pytorch")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    import dist_workers
+
+    dist_workers.launch(lightning_fsdp1_worker, 2, strategy_name)

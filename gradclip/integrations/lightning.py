@@ -9,6 +9,14 @@ and before the optimizer step, so it also serves gradient accumulation. The Clip
 16-bit mixed precision the gradients are unscaled first through the precision plugin's GradScaler
 (`scaler.unscale_`, which the later `scaler.step` honours), as Lightning's own clipping does.
 
+Under Lightning's FSDPStrategy (FSDP1: each rank holds plain tensors, its shards of the flat
+gradients) the Clipper is built over the wrapped model's parameters with the FSDP process group,
+so the norm is the global one, as `FullyShardedDataParallel.clip_grad_norm_` computes it: FULL_SHARD,
+SHARD_GRAD_OP and the hybrid strategies (shards summed over the shard group, which the replicas
+share) and NO_SHARD (whole gradients, no group). This is what Lightning itself does not offer
+(Lightning issue 19235: its FSDP precision plugin refuses clipping by norm). Under
+ModelParallelStrategy (FSDP2, tensor parallel) the gradients are DTensors and need nothing.
+
 Logged with `pl_module.log` as device tensors (Lightning reads them at its logging cadence), under
 Lightning's own names (those of `lightning.pytorch.utilities.grad_norm`):
 `grad_{p}_norm_total` (pre-clip), `grad_{p}_norm/<name>` with per_param_norms=True, plus
@@ -17,6 +25,7 @@ Lightning's own names (those of `lightning.pytorch.utilities.grad_norm`):
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -29,6 +38,29 @@ except ImportError as error:  # pragma: no cover (depends on the environment)
     ) from error
 
 from gradclip.clipper import Clipper
+
+
+def _module_and_group(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.nn.Module, Any]:
+    """The module whose parameters the Clipper takes, and the process group its norm sums over."""
+    if "torch.distributed.fsdp" not in sys.modules:  # FSDP1 never imported: not in use
+        return pl_module, None
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy  # noqa: PLC0415
+
+    model = getattr(trainer.strategy, "model", None)
+    wrapped = FullyShardedDataParallel.fsdp_modules(model) if isinstance(model, torch.nn.Module) else []
+    if not wrapped:
+        return pl_module, None
+    strategies = {m.sharding_strategy for m in wrapped}
+    groups = {m.process_group for m in wrapped}
+    if len(strategies) != 1 or len(groups) != 1:
+        raise NotImplementedError(
+            "GradclipCallback: FSDP modules with different sharding strategies or process groups "
+            f"({sorted(s.name for s in strategies)}, {len(groups)} groups) are not supported"
+        )
+    (strategy,) = strategies
+    # FSDP's own parameters: the flat parameters (or, with use_orig_params, views of them) whose
+    # gradients are this rank's shards; NO_SHARD keeps whole gradients, identical on every rank.
+    return model, None if strategy is ShardingStrategy.NO_SHARD else groups.pop()
 
 
 class GradclipCallback(pl.Callback):
@@ -54,8 +86,11 @@ class GradclipCallback(pl.Callback):
             raise ValueError(
                 "GradclipCallback clips the gradients itself: leave Trainer(gradient_clip_val=...) unset"
             )
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        self.clipper = Clipper(named, self.max_norm, self.norm_type, **self.clipper_kwargs)
+        module, process_group = _module_and_group(trainer, pl_module)
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.clipper = Clipper(
+            named, self.max_norm, self.norm_type, process_group=process_group, **self.clipper_kwargs
+        )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
