@@ -506,39 +506,36 @@ py::object wrap(at::Tensor t) { return py::reinterpret_steal<py::object>(THPVari
 
 // The functions gradclip/clip.py calls. Each returns the result (a Tensor, or None), or a 1-tuple
 // holding what the Python routing must continue on.
-py::object get_total_norm(py::handle tensors, py::handle norm_type, py::handle backend) {
-  HANDLE_TH_ERRORS
+// get_total_norm and per_param_norms: the op in `slot` on the gathered tensors, `pick` of its result.
+template <typename Sig, typename Pick>
+py::object norm_of_tensors(py::handle tensors, py::handle norm_type, py::handle backend, Op op,
+                           std::optional<c10::TypedOperatorHandle<Sig>> BackendOps::*slot, Pick pick) {
   State& st = state();
   ScratchLease lease;
   Items items;
   double p = 0;
   PClass pclass = kNoNorm;
   if (!norm_class(norm_type.ptr(), &p, &pclass)) return unserved(st, tensors.ptr(), items);
-  const int b = plan(st, tensors.ptr(), false, backend.ptr(), pclass, kTotalNorm, items, lease.gathered());
+  const int b = plan(st, tensors.ptr(), false, backend.ptr(), pclass, op, items, lease.gathered());
   if (b < 0) return unserved(st, tensors.ptr(), items);
-  const auto& op = *st.ops[b].total_norm;
+  const auto& handle = *(st.ops[b].*slot);
   const at::TensorList grads = lease.gathered().grads;
-  return wrap(run(st, b, kTotalNorm, lease.gathered(), [&](auto keys) {
-    return keys ? op.redispatch(*keys, grads, p) : op.call(grads, p);
-  }));
+  return wrap(pick(run(st, b, op, lease.gathered(), [&](auto keys) {
+    return keys ? handle.redispatch(*keys, grads, p) : handle.call(grads, p);
+  })));
+}
+
+py::object get_total_norm(py::handle tensors, py::handle norm_type, py::handle backend) {
+  HANDLE_TH_ERRORS
+  return norm_of_tensors(tensors, norm_type, backend, kTotalNorm, &BackendOps::total_norm,
+                         [](at::Tensor total) { return total; });
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
 py::object per_param_norms(py::handle tensors, py::handle norm_type, py::handle backend) {
   HANDLE_TH_ERRORS
-  State& st = state();
-  ScratchLease lease;
-  Items items;
-  double p = 0;
-  PClass pclass = kNoNorm;
-  if (!norm_class(norm_type.ptr(), &p, &pclass)) return unserved(st, tensors.ptr(), items);
-  const int b = plan(st, tensors.ptr(), false, backend.ptr(), pclass, kPerParamNorms, items, lease.gathered());
-  if (b < 0) return unserved(st, tensors.ptr(), items);
-  const auto& op = *st.ops[b].per_param_norms;
-  const at::TensorList grads = lease.gathered().grads;
-  return wrap(std::get<1>(run(st, b, kPerParamNorms, lease.gathered(), [&](auto keys) {
-    return keys ? op.redispatch(*keys, grads, p) : op.call(grads, p);
-  })));
+  return norm_of_tensors(tensors, norm_type, backend, kPerParamNorms, &BackendOps::per_param_norms,
+                         [](std::tuple<at::Tensor, at::Tensor> out) { return std::get<1>(std::move(out)); });
   END_HANDLE_TH_ERRORS_PYBIND
 }
 

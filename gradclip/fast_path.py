@@ -6,7 +6,9 @@ op through the dispatcher, with no Python per tensor. It serves every gradient o
 device, dense, fp32/fp16/bf16, p in {1, 2, inf}, no Tensor subclass (DTensor), no gradient listed
 twice, no process group, error_if_nonfinite=False. Anything else is handed back, and the Python
 routing serves it exactly as before, with the same errors and warnings; an input drawn from a
-generator comes back as a generator over the same items.
+generator comes back as a generator over the same items. An unstarted `module.parameters()`
+generator is not run at all where torch.nn.Module's own iteration is in use: its items are read
+from the module tree (csrc/module_walk.cpp), and a served call leaves it exhausted, as list() would.
 
 The extension is loaded on the first call, never at `import gradclip`. Under torch.compile the
 fast path is off, so Dynamo traces the Python routing and the torch.library ops.

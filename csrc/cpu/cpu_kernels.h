@@ -27,9 +27,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
+#include "op_tags.h"
 #include "tensor_list.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -79,27 +81,17 @@ struct Prepared {
 };
 
 inline DType dtype_tag(at::ScalarType t, size_t index) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      GRADCLIP_CPU_CHECK_GRAD(false, index, "has dtype ", t,
-                              "; the CPU kernels take float32/float16/bfloat16 (use backend='reference')");
-  }
-  return DType::kFloat32;
+  const std::optional<DType> tag = kernel_dtype(t);
+  GRADCLIP_CPU_CHECK_GRAD(tag.has_value(), index, "has dtype ", t,
+                          "; the CPU kernels take float32/float16/bfloat16 (use backend='reference')");
+  return *tag;
 }
 
 inline NormType norm_tag(double norm_type) {
-  if (norm_type == 1.0) return NormType::kL1;
-  if (norm_type == 2.0) return NormType::kL2;
-  if (std::isinf(norm_type) && norm_type > 0) return NormType::kInf;
-  TORCH_CHECK(false, "gradclip cpu backend: norm_type must be 1, 2 or inf, got ", norm_type,
+  const std::optional<NormType> tag = kernel_norm(norm_type);
+  TORCH_CHECK(tag.has_value(), "gradclip cpu backend: norm_type must be 1, 2 or inf, got ", norm_type,
               " (use backend='reference' for other p)");
-  return NormType::kL2;
+  return *tag;
 }
 
 // Validates every gradient before anything is touched, then builds the chunk table. `mutates`:

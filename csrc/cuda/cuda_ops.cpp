@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <unordered_map>
 #include <utility>
@@ -30,33 +31,24 @@
 #include "checks.h"
 #include "launchers.h"
 #include "module.h"
+#include "op_tags.h"
 #include "tensor_list.h"
 
 namespace gradclip {
 namespace {
 
 DType dtype_tag(at::ScalarType t, size_t index) {
-  switch (t) {
-    case at::kFloat:
-      return DType::kFloat32;
-    case at::kHalf:
-      return DType::kFloat16;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      GRADCLIP_CHECK_GRAD(false, index, "has dtype ", t,
-                          "; the CUDA kernels take float32/float16/bfloat16 (use backend='reference')");
-  }
-  return DType::kFloat32;
+  const std::optional<DType> tag = kernel_dtype(t);
+  GRADCLIP_CHECK_GRAD(tag.has_value(), index, "has dtype ", t,
+                      "; the CUDA kernels take float32/float16/bfloat16 (use backend='reference')");
+  return *tag;
 }
 
 NormType norm_tag(double norm_type) {
-  if (norm_type == 1.0) return NormType::kL1;
-  if (norm_type == 2.0) return NormType::kL2;
-  if (std::isinf(norm_type) && norm_type > 0) return NormType::kInf;
-  TORCH_CHECK(false, "gradclip cuda backend: norm_type must be 1, 2 or inf, got ", norm_type,
+  const std::optional<NormType> tag = kernel_norm(norm_type);
+  TORCH_CHECK(tag.has_value(), "gradclip cuda backend: norm_type must be 1, 2 or inf, got ", norm_type,
               " (use backend='reference' for other p)");
-  return NormType::kL2;
+  return *tag;
 }
 
 bool stream_is_capturing(cudaStream_t stream) {
