@@ -77,7 +77,7 @@ def parts(tensors: int, numel: int) -> list[tuple[str, float]]:
     if native is not None and hasattr(native, "tensor_table_key"):
         rows.append(
             (
-                "C++ tensor_table_key (Triton key; not wired into triton_backend)",
+                "C++ tensor_table_key (the Triton table key alone)",
                 lambda: native.tensor_table_key(grads),
             )
         )
