@@ -32,9 +32,10 @@ _CHECKOUT_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def why_stale(extension_file: str, csrc: str = _CHECKOUT_CSRC) -> str:
-    """Empty unless `csrc` exists and differs from the sources the extension was built from
-    (setup.py records them beside it: gradclip/_native_sources.py)."""
-    if not os.path.isdir(csrc):
+    """Empty unless `csrc` is gradclip's source tree (a checkout: setup.py beside it) and differs
+    from the sources the extension was built from (setup.py records them beside it:
+    gradclip/_native_sources.py)."""
+    if not (os.path.isdir(csrc) and os.path.isfile(os.path.join(os.path.dirname(csrc), "setup.py"))):
         return ""  # an installed wheel: built from the sources it was shipped with
     stamp = os.path.join(os.path.dirname(extension_file), _native_sources.STAMP)
     try:

@@ -17,6 +17,7 @@ def make_tree(root):
     (csrc / "cpu" / "kernels.h").write_text("#pragma once\n")
     (csrc / "tests" / "unit.cpp").write_text("int t;\n")
     (csrc / "notes.txt").write_text("not a source\n")
+    (root / "setup.py").write_text("")
     ext = root / "gradclip" / "_C.so"
     ext.parent.mkdir()
     ext.write_bytes(b"")
@@ -55,6 +56,9 @@ def test_an_installed_package_is_not_checked(tmp_path):
     csrc, ext = make_tree(tmp_path)
     (ext.parent / _native_sources.STAMP).unlink()
     assert _extension.why_stale(str(ext), str(tmp_path / "no-csrc-here")) == ""
+    # Another project's csrc/ beside site-packages is not ours: no setup.py beside it.
+    (tmp_path / "setup.py").unlink()
+    assert _extension.why_stale(str(ext), str(csrc)) == ""
 
 
 def test_this_checkout_s_build_is_current_when_built():

@@ -11,9 +11,9 @@ and before the optimizer step, so it also serves gradient accumulation. The Clip
 
 Under Lightning's FSDPStrategy (FSDP1: each rank holds plain tensors, its shards of the flat
 gradients) the Clipper is built over the wrapped model's parameters with the FSDP process group,
-so the norm is the global one, as `FullyShardedDataParallel.clip_grad_norm_` computes it: FULL_SHARD,
-SHARD_GRAD_OP and the hybrid strategies (shards summed over the shard group, which the replicas
-share) and NO_SHARD (whole gradients, no group). This is what Lightning itself does not offer
+so the norm is the global one, as `FullyShardedDataParallel.clip_grad_norm_` computes it (tested
+for FULL_SHARD and NO_SHARD, the Clipper alone also for SHARD_GRAD_OP; the hybrid strategies take
+the same rule, their shard group, untested). This is what Lightning itself does not offer
 (Lightning issue 19235: its FSDP precision plugin refuses clipping by norm). Under
 ModelParallelStrategy (FSDP2, tensor parallel) the gradients are DTensors and need nothing.
 
