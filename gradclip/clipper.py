@@ -448,20 +448,19 @@ class Clipper:
     def _clip(self) -> ClipStats:
         if self._policy is not None or self._skip_policy():
             return self._decide_and_apply(None, None)
-        with torch.no_grad():
-            total, per_param = self._run(clip=True)
-            coef = self.coefficient(total)
-            nonfinite = torch.logical_not(torch.isfinite(total))
-            spike = self.observe(total, coef, per_param, nonfinite)
-        return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
+        return self._measured(clip=True)
 
     def measure(self) -> ClipStats:
         """Record the current gradients' norms without clipping them (clip_coef is 1): telemetry
         for an unclipped run, or for a step whose gradients some other code clips. Same ops as
         `norms()`, then the history record; no host sync."""
+        return self._measured(clip=False)
+
+    def _measured(self, clip: bool) -> ClipStats:
+        """The norms (the gradients rescaled in place when `clip`), the coefficient, the record."""
         with torch.no_grad():
-            total, per_param = self._run(clip=False)
-            coef = torch.ones_like(total)
+            total, per_param = self._run(clip=clip)
+            coef = self.coefficient(total) if clip else torch.ones_like(total)
             nonfinite = torch.logical_not(torch.isfinite(total))
             spike = self.observe(total, coef, per_param, nonfinite)
         return ClipStats(total, coef, per_param, nonfinite, spike, self._false, self.names)
