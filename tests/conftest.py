@@ -54,6 +54,16 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"requires_{name}: skip unless the test machine has {name}")
 
 
+def clone_params(params):
+    """Fresh parameters with the same values, requires_grad and gradients (None stays None)."""
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        q.grad = None if p.grad is None else p.grad.clone()
+        out.append(q)
+    return out
+
+
 # The adversarial shape grid shared by the API and kernel tests (STYLE.md), as lists of gradient
 # shapes with readable ids; kernel tests add cases tied to their chunk and grid sizes.
 SHAPE_GRID = {

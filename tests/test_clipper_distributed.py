@@ -83,7 +83,9 @@ def _fsdp1(strategy_name: str, use_orig_params: bool):
 def clipper_fsdp1_worker(rank: int, world: int, strategy_name: str, use_orig_params: bool) -> None:
     fsdp = _fsdp1(strategy_name, use_orig_params)
     group = None if strategy_name == "NO_SHARD" else dist.group.WORLD
-    clipper = gradclip.Clipper(fsdp.named_parameters(), max_norm=0.05, process_group=group, per_param_norms=True)
+    clipper = gradclip.Clipper(
+        fsdp.named_parameters(), max_norm=0.05, process_group=group, per_param_norms=True
+    )
     torch.manual_seed(1 + rank)  # each rank its own batch, as data parallel training has
     for step in range(2):
         fsdp.zero_grad()
@@ -102,7 +104,9 @@ def clipper_fsdp1_worker(rank: int, world: int, strategy_name: str, use_orig_par
                 torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
         # The check can fail: this rank's shards alone give another norm.
         if group is not None:
-            local = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in saved if g is not None]))
+            local = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in saved if g is not None])
+            )
             assert not torch.allclose(local, expected, rtol=1e-3)
 
 

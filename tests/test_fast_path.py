@@ -14,6 +14,7 @@ import warnings
 import conftest
 import pytest
 import torch
+from conftest import clone_params
 
 import gradclip
 from gradclip import fast_path, routing
@@ -50,15 +51,6 @@ def make_params(shapes, dtypes, seed=0, scale=3.0, none_every=0):
             p.grad = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
         params.append(p)
     return params
-
-
-def clone_params(params):
-    out = []
-    for p in params:
-        q = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        q.grad = None if p.grad is None else p.grad.clone()
-        out.append(q)
-    return out
 
 
 def bits(t):
@@ -488,6 +480,8 @@ def test_tensor_table_key_matches_the_python_key():
     """_C.tensor_table_key (for the Triton table cache) against the key triton_backend builds in Python."""
     import struct
 
+    triton_backend = pytest.importorskip("gradclip.triton_backend")  # its Python density check
+
     native = fast_path.native()
     base = torch.randn(6, 8)
     cases = [
@@ -501,18 +495,10 @@ def test_tensor_table_key_matches_the_python_key():
         base[::2],
     ]
 
-    def python_dense(g):
-        expected = 1
-        for stride, size in sorted((st, sz) for st, sz in zip(g.stride(), g.shape, strict=True) if sz != 1):
-            if stride != expected:
-                return False
-            expected *= size
-        return True
-
     for k in range(len(cases)):
         tensors = cases[: k + 1]
         dense, total, key = native.tensor_table_key(tensors)
-        assert dense == all(g.is_contiguous() or python_dense(g) for g in tensors)
+        assert dense == all(g.is_contiguous() or triton_backend._is_dense(g) for g in tensors)
         assert total == sum(g.numel() for g in tensors)
         entries = [struct.unpack_from("<Qqq", key, 24 * i) for i in range(len(tensors))]
         assert [e[0] for e in entries] == [g.data_ptr() for g in tensors]
@@ -630,7 +616,9 @@ def test_walk_declines_modules_that_iterate_their_own_way(make, position):
     expected = list(module.parameters())
     assert_same("clip_grad_norm_", expected, 1e-2, 2.0)  # the list the generator really gives
     total = gradclip.clip_grad_norm_(module.parameters(), 1e30)
-    torch.testing.assert_close(total, torch.nn.utils.get_total_norm([p.grad for p in expected]), rtol=2e-6, atol=0)
+    torch.testing.assert_close(
+        total, torch.nn.utils.get_total_norm([p.grad for p in expected]), rtol=2e-6, atol=0
+    )
 
 
 def test_walk_declines_everything_but_an_unstarted_parameters_generator():
@@ -643,7 +631,12 @@ def test_walk_declines_everything_but_an_unstarted_parameters_generator():
     finished = module.parameters()
     list(finished)
     assert _walk()(finished) is None
-    for other in (module.buffers(), module.modules(), (p for p in module.parameters()), [module.extra.weight]):
+    for other in (
+        module.buffers(),
+        module.modules(),
+        (p for p in module.parameters()),
+        [module.extra.weight],
+    ):
         assert _walk()(other) is None
     assert _walk()(torch.nn.Module.parameters(object.__new__(Slotted))) is None
     # recurse must be a bool (its truthiness would run Python code).
